@@ -1,0 +1,172 @@
+"""`tf.data` input pipelines: batches of images for embedding, an endless stream of pairs for training.
+
+Images are decoded by `siamese.images.decode_image` (the one decoder) in parallel. With `cache="memory"`
+or `cache="disk"` every image is decoded once into a uint8 array (`disk`: a memory-mapped `.npy` in the
+cache folder, reused by later runs while the files are unchanged) and batches are gathered from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import tensorflow as tf
+
+from siamese import atomic
+from siamese.catalog import Catalog
+from siamese.errors import SiameseError
+from siamese.images import cache_dir, decode_image, parallel_map
+from siamese.pairs import PairSampler
+
+Cache = Literal["none", "memory", "disk"]
+CACHES = ("none", "memory", "disk")
+_DECODER_VERSION = 1  # bump when decode_image changes its output, to invalidate on-disk caches
+
+
+def _check_cache(cache: str) -> None:
+    if cache not in CACHES:
+        raise SiameseError(f"Expected --cache to be one of {', '.join(CACHES)}. Received: {cache!r}")
+
+
+def decoded_images(
+    catalog: Catalog, image_size: int, cache: Cache = "memory", *, workers: int | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Every image of `catalog` decoded to a `(n, image_size, image_size, 3)` uint8 array.
+
+    `cache="memory"` (default) decodes into RAM; `cache="disk"` decodes once into a `.npy` under
+    `cache_dir()/decoded/` keyed by the files' paths, sizes and times, and memory-maps it on later calls.
+    """
+    _check_cache(cache)
+    shape = (len(catalog.filenames), image_size, image_size, 3)
+
+    def fill(store: np.ndarray) -> None:
+        decoded = parallel_map(lambda p: decode_image(p, image_size), list(catalog.paths), workers=workers,
+                               progress=progress, desc="decoding images")
+        for i, image in enumerate(decoded):
+            store[i] = image
+
+    if cache == "memory":
+        store = np.empty(shape, np.uint8)
+        fill(store)
+        return store
+    if cache != "disk":
+        raise SiameseError("decoded_images needs cache='memory' or 'disk'; 'none' decodes on the fly.")
+    stamps = [[str(p.resolve()), *_size_mtime(p)] for p in catalog.paths]
+    key = hashlib.sha256(json.dumps([_DECODER_VERSION, image_size, stamps]).encode()).hexdigest()[:32]
+    path = cache_dir() / "decoded" / f"{key}.npy"
+    if path.exists():
+        store = np.load(path, mmap_mode="r")
+        if store.shape == shape and store.dtype == np.uint8:
+            return store
+    with atomic.atomic_path(path, suffix=".npy") as tmp:
+        store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        fill(store)
+        store.flush()
+        del store
+    return np.load(path, mmap_mode="r")
+
+
+def _size_mtime(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def _decoder(paths: list[str], image_size: int):
+    """A numpy function: image index -> decoded uint8 image."""
+    return lambda i: decode_image(paths[int(i)], image_size)
+
+
+def image_dataset(
+    catalog: Catalog, image_size: int, batch_size: int = 32, cache: Cache = "none"
+) -> tf.data.Dataset:
+    """Batches of the catalog's images in order, uint8 `(batch, image_size, image_size, 3)`, prefetched."""
+    _check_cache(cache)
+    n = len(catalog.filenames)
+    spec = (image_size, image_size, 3)
+    if cache == "none":
+        decode = _decoder([str(p) for p in catalog.paths], image_size)
+        ds = tf.data.Dataset.range(n).map(
+            lambda i: tf.ensure_shape(tf.numpy_function(decode, [i], tf.uint8, stateful=False), spec),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        ).batch(batch_size)
+    else:
+        store = decoded_images(catalog, image_size, cache)
+        ds = tf.data.Dataset.range(n).batch(batch_size).map(
+            lambda i: tf.ensure_shape(
+                tf.numpy_function(lambda j: store[j], [i], tf.uint8, stateful=False), (None, *spec)
+            )
+        )
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def steps_per_epoch(pairs_per_epoch: int, batch_size: int) -> int:
+    """Whole batches per epoch: `pairs_per_epoch` rounded up to a multiple of `batch_size`."""
+    if batch_size < 1:
+        raise SiameseError(f"Expected --batch-size >= 1. Received: {batch_size}")
+    if pairs_per_epoch < 2:
+        raise SiameseError(f"Expected --pairs-per-epoch >= 2. Received: {pairs_per_epoch}")
+    return max(1, math.ceil(pairs_per_epoch / batch_size))
+
+
+def pair_dataset(
+    sampler: PairSampler,
+    image_size: int,
+    *,
+    batch_size: int = 32,
+    pairs_per_epoch: int = 1024,
+    start_epoch: int = 0,
+    cache: Cache = "none",
+    images: np.ndarray | None = None,
+) -> tf.data.Dataset:
+    """An endless stream of batches `((images_a, images_b), same)`, epoch after epoch from `start_epoch`.
+
+    Epoch `e` holds `steps_per_epoch(pairs_per_epoch, batch_size) * batch_size` pairs drawn by
+    `sampler.pairs(e, ...)`, so batches never straddle epochs and a resumed run sees the same pairs.
+    Images are uint8; `same` is float32 (1 = same item). With `cache="none"` each image is decoded from
+    its file in parallel; otherwise batches are gathered from `images` (or `decoded_images(...)`).
+    """
+    _check_cache(cache)
+    per_epoch = steps_per_epoch(pairs_per_epoch, batch_size) * batch_size
+    catalog = sampler.catalog
+    spec = (image_size, image_size, 3)
+
+    def draw(epoch):
+        pairs = sampler.pairs(int(epoch), per_epoch)
+        return pairs.first, pairs.second, pairs.same
+
+    def epoch_pairs(epoch):
+        a, b, y = tf.numpy_function(draw, [epoch], (tf.int64, tf.int64, tf.float32), stateful=False)
+        return tf.data.Dataset.from_tensor_slices((a, b, y))
+
+    stream = tf.data.Dataset.counter(start_epoch).flat_map(epoch_pairs)
+    if cache == "none":
+        decode = _decoder([str(p) for p in catalog.paths], image_size)
+
+        def load(a, b, y):
+            image_a = tf.ensure_shape(tf.numpy_function(decode, [a], tf.uint8, stateful=False), spec)
+            image_b = tf.ensure_shape(tf.numpy_function(decode, [b], tf.uint8, stateful=False), spec)
+            return (image_a, image_b), y
+
+        ds = stream.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+    else:
+        store = decoded_images(catalog, image_size, cache) if images is None else images
+        if store.shape[1:] != spec or len(store) != len(catalog.filenames):
+            raise SiameseError(
+                f"Expected decoded images of shape {(len(catalog.filenames), *spec)}. Received: {store.shape}"
+            )
+
+        def gather(a, b, y):
+            image_a, image_b = tf.numpy_function(
+                lambda i, j: (store[i], store[j]), [a, b], (tf.uint8, tf.uint8), stateful=False
+            )
+            shape = (None, *spec)
+            return (tf.ensure_shape(image_a, shape), tf.ensure_shape(image_b, shape)), y
+
+        ds = stream.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
