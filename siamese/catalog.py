@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
-from siamese.errors import SiameseError
+from siamese.errors import SiameseError, plural
 
 MAX_CATALOG_BYTES = 1 << 30
 """Largest labeled-data file we read (1 GiB): bigger is almost surely the wrong file."""
@@ -87,8 +87,8 @@ class Catalog:
         """One line of counts: items, images, labels and items with a single image."""
         single = sum(len(i.filenames) == 1 for i in self.items)
         return (
-            f"{len(self.items)} items, {len(self.filenames)} images, {len(self.labels)} labels, "
-            f"{single} items with one image"
+            f"{plural(len(self.items), 'item')}, {plural(len(self.filenames), 'image')}, "
+            f"{plural(len(self.labels), 'label')}, {plural(single, 'item')} with one image"
         )
 
 
@@ -130,7 +130,7 @@ class CatalogError(SiameseError):
     def __init__(self, report: Report):
         self.report = report
         n = len(report.errors)
-        lines = [f"{report.source}: {n} problem{'s' if n != 1 else ''} in the labeled data:"]
+        lines = [f"{report.source}: {plural(n, 'problem')} in the labeled data:"]
         lines += [f"  {p}" for p in report.errors]
         super().__init__("\n".join(lines))
 

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Sequence
 
 from siamese import __version__
-from siamese.errors import SiameseError
+from siamese.errors import SiameseError, plural
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,11 +83,11 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"Summary: {catalog.summary()}")
     problems = len(report.errors) + (len(bad) if args.on_bad_image == "fail" else 0)
     if problems:
-        print(f"{args.labeled_data}: {problems} problem{'s' if problems != 1 else ''}; "
+        print(f"{args.labeled_data}: {plural(problems, 'problem')}; "
               "fix them and run validate again.", file=sys.stderr)
         return 1
     if bad:
-        print(f"Skipping {len(bad)} image{'s' if len(bad) != 1 else ''} that cannot be decoded "
+        print(f"Skipping {plural(len(bad), 'image')} that cannot be decoded "
               "(--on-bad-image skip).")
     train, val = split_by_item(catalog, args.val_fraction, args.seed)
     print(f"Split (--val-fraction {args.val_fraction}, --seed {args.seed}): "

@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 
 from siamese import atomic
 from siamese.catalog import Catalog
-from siamese.errors import SiameseError
+from siamese.errors import SiameseError, plural
 
 WHITE = (255, 255, 255)
 OnBadImage = Literal["fail", "skip"]
@@ -121,7 +121,7 @@ class BadImagesError(SiameseError):
 
     def __init__(self, bad: list[BadImage], image_dir: Path):
         self.bad = bad
-        lines = [f"{len(bad)} image{'s' if len(bad) != 1 else ''} in {image_dir} cannot be used:"]
+        lines = [f"{plural(len(bad), 'image')} in {image_dir} cannot be used:"]
         lines += [f"  {b}" for b in bad]
         lines.append("Fix: replace or remove them, or pass --on-bad-image skip to leave them out.")
         super().__init__("\n".join(lines))
@@ -212,7 +212,7 @@ def check_images(
     if on_bad_image == "fail":
         raise BadImagesError(bad, catalog.image_dir)
     warnings.warn(
-        f"Skipping {len(bad)} image{'s' if len(bad) != 1 else ''} that cannot be decoded "
+        f"Skipping {plural(len(bad), 'image')} that cannot be decoded "
         f"(first: {bad[0]}); run `validate` to list them all.",
         UserWarning,
         stacklevel=2,

@@ -168,7 +168,7 @@ def test_single_image_items_are_allowed_but_reported(root):
         f"{path}: item 'b' at $[\"b\"].images: only one image: it gives no positive pair. "
         "Fix: add more images of it to use it in training"
     ]
-    assert report.catalog.summary() == "2 items, 3 images, 0 labels, 1 items with one image"
+    assert report.catalog.summary() == "2 items, 3 images, 0 labels, 1 item with one image"
 
 
 def test_every_problem_is_reported_at_once_and_load_raises(root):

@@ -1,0 +1,96 @@
+"""The command line: same CLI from utilities.py and python -m siamese, --help everywhere, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_catalog, write_image
+
+from siamese.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
+
+
+def run(*argv, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("entry", [["utilities.py"], ["-m", "siamese"]])
+def test_both_entry_points_give_the_same_help(entry):
+    result = run(*entry, "--help")
+    assert result.returncode == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+    assert result.stdout == run("utilities.py", "--help").stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(run_cli, command):
+    with pytest.raises(SystemExit) as info:
+        run_cli(command, "--help")
+    assert info.value.code == 0
+
+
+def test_usage_errors_are_one_line_exit_2():
+    result = run("utilities.py", "validate", "--labeled-data", "x.json")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "utilities.py validate: error: the following arguments are required: --image-dir "
+        "(see utilities.py validate --help)"
+    ]
+
+
+def test_user_errors_print_one_line_and_no_traceback(tmp_path):
+    result = run("utilities.py", "validate", "--labeled-data", tmp_path / "missing.json", "--image-dir", tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"utilities.py: error: Labeled data file not found: {tmp_path / 'missing.json'}. "
+        "Fix: check the --labeled-data path."
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_validate_lists_every_problem_and_exits_1(tmp_path, run_cli):
+    write_image(tmp_path / "a0.png")
+    write_image(tmp_path / "a1.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    path = write_catalog(tmp_path, {
+        "a": {"images": [{"filename": "a0.png"}, {"filename": "a1.png"}]},
+        "b": {"images": [{"filename": "../escape.png"}]},
+        "c": {"images": [{"filename": "broken.png"}]},
+        "d": {"images": [{"filename": "a0.png"}]},
+    })
+    code, out, err = run_cli("validate", "--labeled-data", path, "--image-dir", tmp_path, "--no-progress")
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[0].startswith(f"error: {path}: item 'b' at $[\"b\"].images[0].filename: filename '../escape.png'")
+    assert lines[1].startswith(f"error: {path}: item 'd' at $[\"d\"].images[0].filename: 'a0.png' is the same file")
+    assert lines[2].startswith(f"error: {tmp_path}: item 'c': broken.png: ")
+    assert lines[3].startswith(f"warning: {path}: item 'c' at $[\"c\"].images: only one image")
+    assert lines[4] == "Summary: 1 item, 2 images, 0 labels, 0 items with one image"
+    assert err == f"{path}: 3 problems; fix them and run validate again.\n"
+
+    code, out, _ = run_cli("validate", "--labeled-data", path, "--image-dir", tmp_path, "--on-bad-image", "skip",
+                           "--no-progress")
+    assert code == 1  # the unsafe path and the duplicate are still unusable
+    assert out.splitlines()[2].startswith(f"warning: {tmp_path}: item 'c': broken.png")
+
+
+def test_validate_ok_with_skipped_bad_image(tmp_path, run_cli):
+    for name in ("a0.png", "a1.png", "b0.png", "b1.png"):
+        write_image(tmp_path / name)
+    (tmp_path / "b2.png").write_bytes(b"")
+    path = write_catalog(tmp_path, {
+        "a": {"images": [{"filename": "a0.png"}, {"filename": "a1.png"}]},
+        "b": {"images": [{"filename": "b0.png"}, {"filename": "b1.png"}, {"filename": "b2.png"}]},
+    })
+    code, out, _ = run_cli("validate", "--labeled-data", path, "--image-dir", tmp_path, "--on-bad-image", "skip",
+                           "--no-progress")
+    assert code == 0
+    assert "Summary: 2 items, 4 images, 0 labels, 0 items with one image" in out
+    assert "Skipping 1 image that cannot be decoded (--on-bad-image skip)." in out
+    assert out.rstrip().endswith("OK: the catalog is ready for training.")

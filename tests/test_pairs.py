@@ -1,0 +1,101 @@
+"""Pairs: the label rule, the balance, and (seed, epoch) reproducibility, on real catalogs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import solid_catalog
+
+from siamese.catalog import load_catalog
+from siamese.errors import SiameseError
+from siamese.pairs import PairSampler
+
+
+@pytest.fixture
+def labeled(tmp_path):
+    """Six items; red/pink/blue labels make some pairs of items never negative."""
+    path = solid_catalog(tmp_path, {
+        "rose": (3, ["red", "pink"]), "brick": (2, ["red"]), "flamingo": (4, ["pink"]),
+        "sky": (2, ["blue"]), "stone": (3, []), "lonely": (1, ["green"]),
+    })
+    return load_catalog(path, tmp_path)
+
+
+def share_label(catalog, i, j) -> bool:
+    return bool(set(catalog.items[i].labels) & set(catalog.items[j].labels))
+
+
+def test_label_rule_and_pair_kinds(labeled):
+    sampler = PairSampler(labeled, seed=7)
+    item = labeled.image_item
+    for epoch in range(5):
+        pairs = sampler.pairs(epoch, 400)
+        for a, b, same in zip(pairs.first, pairs.second, pairs.same, strict=True):
+            if same == 1:
+                assert item[a] == item[b] and a != b
+            else:
+                assert item[a] != item[b]
+                assert not share_label(labeled, item[a], item[b]), (item[a], item[b])
+
+
+def test_balance_and_dtypes(labeled):
+    pairs = PairSampler(labeled).pairs(0, 101)
+    assert pairs.same.dtype == np.float32 and pairs.first.dtype == np.int64
+    assert int(pairs.same.sum()) == 50 and len(pairs.same) == 101
+    # shuffled: positives are not all at the front
+    assert 0 < pairs.same[:50].sum() < 50
+
+
+def test_same_seed_and_epoch_same_pairs_otherwise_different(labeled):
+    sampler = PairSampler(labeled, seed=1)
+    first = sampler.pairs(3, 256)
+    again = PairSampler(labeled, seed=1).pairs(3, 256)
+    assert all((x == y).all() for x, y in zip(first, again, strict=True))
+    other_epoch = sampler.pairs(4, 256)
+    other_seed = PairSampler(labeled, seed=2).pairs(3, 256)
+    assert not (first.first == other_epoch.first).all()
+    assert not (first.first == other_seed.first).all()
+
+
+def test_every_allowed_item_and_image_is_drawn(labeled):
+    pairs = PairSampler(labeled).pairs(0, 4000)
+    used = np.unique(np.concatenate([pairs.first, pairs.second]))
+    assert used.tolist() == list(range(len(labeled.filenames)))
+    # items are drawn uniformly: each of the 5 items with two or more images starts ~1/5 of positives
+    pos_items = labeled.image_item[pairs.first[pairs.same == 1]]
+    counts = np.bincount(pos_items, minlength=len(labeled))
+    assert counts[5] == 0  # "lonely" has one image
+    assert (np.abs(counts[:5] / counts.sum() - 0.2) < 0.04).all()
+
+
+def test_rare_negative_partners_are_found_by_the_fallback(tmp_path):
+    # 150 items share "crowd": their only negative partners are "odd" and "even" (2 of 152 items), so
+    # drawing a partner at random is nearly always refused and the explicit fallback must find them.
+    spec = {f"c{i}": (2, ["crowd"]) for i in range(150)}
+    spec["odd"] = (2, ["x"])
+    spec["even"] = (2, ["y"])
+    catalog = load_catalog(solid_catalog(tmp_path, spec), tmp_path)
+    pairs = PairSampler(catalog).pairs(0, 600)
+    negatives = pairs.same == 0
+    first, second = catalog.image_item[pairs.first[negatives]], catalog.image_item[pairs.second[negatives]]
+    ids = [(catalog.items[a].id, catalog.items[b].id) for a, b in zip(first, second, strict=True)]
+    assert len(ids) == 300
+    assert all(a != b and ("odd" in (a, b) or "even" in (a, b)) for a, b in ids)
+    assert len({a for a, _ in ids}) > 100  # crowd items do get drawn as the first member
+
+
+def test_clear_errors_when_a_kind_of_pair_is_impossible(tmp_path):
+    one = load_catalog(solid_catalog(tmp_path / "one", {"only": (3, [])}), tmp_path / "one")
+    with pytest.raises(SiameseError, match="No negative pairs: the catalog has a single item"):
+        PairSampler(one)
+    shared = load_catalog(solid_catalog(tmp_path / "s", {"a": (2, ["x"]), "b": (2, ["x", "y"])}), tmp_path / "s")
+    with pytest.raises(SiameseError, match="No negative pairs: every two items share a label.*Fix: add items"):
+        PairSampler(shared)
+    singles = load_catalog(solid_catalog(tmp_path / "p", {"a": (1, []), "b": (1, [])}), tmp_path / "p")
+    with pytest.raises(SiameseError, match="No positive pairs: none of the 2 items has two or more images"):
+        PairSampler(singles)
+    with pytest.raises(SiameseError, match="Expected --seed to be a non-negative integer. Received: -1"):
+        PairSampler(one, seed=-1)
+    ok = load_catalog(solid_catalog(tmp_path / "ok", {"a": (2, []), "b": (2, [])}), tmp_path / "ok")
+    with pytest.raises(SiameseError, match="Expected at least 2 pairs per epoch. Received: 1"):
+        PairSampler(ok).pairs(0, 1)

@@ -1,0 +1,86 @@
+"""tf.data pipelines: pairs decoded from files equal the decoder's output, with or without a cache."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from conftest import solid_catalog
+
+import siamese.pipeline as pipeline_module
+from siamese.catalog import load_catalog
+from siamese.errors import SiameseError
+from siamese.images import decode_image
+from siamese.pairs import PairSampler
+from siamese.pipeline import decoded_images, image_dataset, pair_dataset, steps_per_epoch
+
+
+@pytest.fixture
+def catalog(digits):
+    return load_catalog(digits / "test.json", digits)
+
+
+def take(ds, n):
+    return [(a.numpy(), b.numpy(), y.numpy()) for (a, b), y in ds.take(n)]
+
+
+def test_pairs_from_files_are_the_decoded_images_of_the_sampled_pairs(catalog):
+    sampler = PairSampler(catalog, seed=5)
+    ds = pair_dataset(sampler, 16, batch_size=8, pairs_per_epoch=20)  # rounded up to 3 batches of 8
+    assert steps_per_epoch(20, 8) == 3
+    batches = take(ds, 6)  # two epochs
+    for epoch in range(2):
+        pairs = sampler.pairs(epoch, 24)
+        got_a = np.concatenate([b[0] for b in batches[3 * epoch : 3 * epoch + 3]])
+        got_y = np.concatenate([b[2] for b in batches[3 * epoch : 3 * epoch + 3]])
+        assert got_a.shape == (24, 16, 16, 3) and got_a.dtype == np.uint8
+        assert (got_y == pairs.same).all()
+        for k in (0, 11, 23):
+            assert (got_a[k] == decode_image(catalog.paths[pairs.first[k]], 16)).all()
+
+
+def test_cached_pipelines_equal_the_file_pipeline_and_resume_at_an_epoch(catalog):
+    sampler = PairSampler(catalog, seed=2)
+    from_files = take(pair_dataset(sampler, 12, batch_size=16, pairs_per_epoch=32), 4)
+    for cache in ("memory", "disk"):
+        cached = take(pair_dataset(sampler, 12, batch_size=16, pairs_per_epoch=32, cache=cache), 4)
+        for x, y in zip(from_files, cached, strict=True):
+            assert all((p == q).all() for p, q in zip(x, y, strict=True))
+    resumed = take(pair_dataset(sampler, 12, batch_size=16, pairs_per_epoch=32, start_epoch=1), 2)
+    for x, y in zip(from_files[2:], resumed, strict=True):
+        assert all((p == q).all() for p, q in zip(x, y, strict=True))
+
+
+def test_disk_cache_is_reused_until_a_file_changes(catalog, monkeypatch):
+    calls = []
+    real = pipeline_module.decode_image
+    monkeypatch.setattr(pipeline_module, "decode_image", lambda p, s: calls.append(p) or real(p, s))
+    first = decoded_images(catalog, 8, "disk", progress=False)
+    assert isinstance(first, np.memmap) and len(calls) == len(catalog.filenames)
+    calls.clear()
+    again = decoded_images(catalog, 8, "disk", progress=False)
+    assert calls == [] and (again == first).all()
+    os.utime(catalog.paths[0], ns=(1, 1))  # touched: the cache key changes, everything is decoded again
+    decoded_images(catalog, 8, "disk", progress=False)
+    assert len(calls) == len(catalog.filenames)
+
+
+def test_image_dataset_keeps_catalog_order(catalog):
+    batches = [b.numpy() for b in image_dataset(catalog, 10, batch_size=64)]
+    images = np.concatenate(batches)
+    assert images.shape == (len(catalog.filenames), 10, 10, 3)
+    assert (images[-1] == decode_image(catalog.paths[-1], 10)).all()
+    cached = np.concatenate([b.numpy() for b in image_dataset(catalog, 10, batch_size=64, cache="memory")])
+    assert (cached == images).all()
+
+
+def test_pipeline_arguments_are_checked(tmp_path):
+    catalog = load_catalog(solid_catalog(tmp_path, {"a": (2, []), "b": (2, [])}), tmp_path)
+    sampler = PairSampler(catalog)
+    with pytest.raises(SiameseError, match="Expected --cache to be one of none, memory, disk. Received: 'ram'"):
+        pair_dataset(sampler, 8, cache="ram")  # type: ignore[arg-type]
+    with pytest.raises(SiameseError, match="Expected --batch-size >= 1. Received: 0"):
+        pair_dataset(sampler, 8, batch_size=0)
+    with pytest.raises(SiameseError, match=r"Expected decoded images of shape \(4, 8, 8, 3\)"):
+        pair_dataset(sampler, 8, cache="memory", images=np.zeros((4, 9, 9, 3), np.uint8))
