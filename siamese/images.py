@@ -104,6 +104,14 @@ def decode_image(source: ImageSource, size: int) -> np.ndarray:
     return square(open_rgb(source), size)
 
 
+def decode_images(paths: list[str], size: int) -> np.ndarray:
+    """Decode several files into one `(len(paths), size, size, 3)` uint8 batch."""
+    batch = np.empty((len(paths), size, size, 3), np.uint8)
+    for k, path in enumerate(paths):
+        batch[k] = decode_image(path, size)
+    return batch
+
+
 @dataclass(frozen=True)
 class BadImage:
     """An image of the catalog that failed the full-decode pass."""
@@ -153,7 +161,7 @@ def find_bad_images(
     """Fully decode every image of `catalog` and return those that fail, with their item and reason.
 
     Results are remembered per file (size, mtime, inode) in the cache folder, so an unchanged folder is
-    checked once; a changed or new file is decoded again. `workers` defaults to the CPU count.
+    checked once; a changed or new file is decoded again. `workers` defaults to `usable_cpus()`.
     """
     root = catalog.image_dir.resolve()
     key = hashlib.sha256(str(root).encode()).hexdigest()[:24]
@@ -220,13 +228,18 @@ def check_images(
     return catalog.without_images({b.filename for b in bad})
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (respects `taskset` and container CPU sets, unlike os.cpu_count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def parallel_map(
     fn: Callable, args: list, *, workers: int | None = None, progress: bool = True, desc: str = ""
 ) -> Iterator:
     """Yield `fn(a)` for each of `args` in order, computed on threads (Pillow releases the GIL while
-    decoding), with a progress bar. `workers` defaults to the CPU count."""
+    decoding), with a progress bar. `workers` defaults to `usable_cpus()`."""
     from tqdm.auto import tqdm
 
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=workers or usable_cpus()) as pool:
         yield from tqdm(pool.map(fn, args), total=len(args), desc=desc, unit="img", disable=not progress,
                         leave=False)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -20,7 +22,7 @@ import tensorflow as tf
 from siamese import atomic
 from siamese.catalog import Catalog
 from siamese.errors import SiameseError
-from siamese.images import cache_dir, decode_image, parallel_map
+from siamese.images import cache_dir, decode_image, decode_images, parallel_map, usable_cpus
 from siamese.pairs import PairSampler
 
 Cache = Literal["none", "memory", "disk"]
@@ -77,32 +79,54 @@ def _size_mtime(path: Path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def _decoder(paths: list[str], image_size: int):
-    """A numpy function: image index -> decoded uint8 image."""
-    return lambda i: decode_image(paths[int(i)], image_size)
+def _batch_loader(
+    catalog: Catalog, image_size: int, cache: Cache, images: np.ndarray | None = None, workers: int | None = None
+):
+    """A numpy function: array of image indices -> uint8 batch `(len, size, size, 3)`.
+
+    Without a cache, each batch is split across `workers` decoding processes (default `usable_cpus()`):
+    Pillow spends much of a small image's time in Python, so threads would queue on the GIL.
+    """
+    spec = (image_size, image_size, 3)
+    if cache == "none":
+        paths = np.array([str(p) for p in catalog.paths], dtype=object)
+        workers = workers or usable_cpus()
+        if workers == 1:
+            return lambda indices: decode_images(list(paths[indices]), image_size)
+        # forkserver: forking a process that runs TensorFlow's threads is unsafe
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+
+        def load(indices: np.ndarray) -> np.ndarray:
+            chunks = [list(paths[c]) for c in np.array_split(indices, workers) if len(c)]
+            parts = list(pool.map(decode_images, chunks, [image_size] * len(chunks)))
+            return np.concatenate(parts) if parts else np.empty((0, *spec), np.uint8)
+
+        return load
+    store = decoded_images(catalog, image_size, cache) if images is None else images
+    if store.shape != (len(catalog.filenames), *spec):
+        raise SiameseError(
+            f"Expected decoded images of shape {(len(catalog.filenames), *spec)}. Received: {store.shape}"
+        )
+    return lambda indices: store[indices]
 
 
 def image_dataset(
-    catalog: Catalog, image_size: int, batch_size: int = 32, cache: Cache = "none"
+    catalog: Catalog, image_size: int, batch_size: int = 32, cache: Cache = "none", workers: int | None = None
 ) -> tf.data.Dataset:
-    """Batches of the catalog's images in order, uint8 `(batch, image_size, image_size, 3)`, prefetched."""
+    """Batches of the catalog's images in order, uint8 `(batch, image_size, image_size, 3)`, prefetched.
+
+    `workers` decoding processes (default `usable_cpus()`) read the files when `cache="none"`.
+    """
     _check_cache(cache)
-    n = len(catalog.filenames)
-    spec = (image_size, image_size, 3)
-    if cache == "none":
-        decode = _decoder([str(p) for p in catalog.paths], image_size)
-        ds = tf.data.Dataset.range(n).map(
-            lambda i: tf.ensure_shape(tf.numpy_function(decode, [i], tf.uint8, stateful=False), spec),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        ).batch(batch_size)
-    else:
-        store = decoded_images(catalog, image_size, cache)
-        ds = tf.data.Dataset.range(n).batch(batch_size).map(
-            lambda i: tf.ensure_shape(
-                tf.numpy_function(lambda j: store[j], [i], tf.uint8, stateful=False), (None, *spec)
-            )
-        )
-    return ds.prefetch(tf.data.AUTOTUNE)
+    load = _batch_loader(catalog, image_size, cache, workers=workers)
+    shape = (None, image_size, image_size, 3)
+    return (
+        tf.data.Dataset.range(len(catalog.filenames))
+        .batch(batch_size)
+        .map(lambda i: tf.ensure_shape(tf.numpy_function(load, [i], tf.uint8, stateful=False), shape),
+             num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
 
 
 def steps_per_epoch(pairs_per_epoch: int, batch_size: int) -> int:
@@ -123,18 +147,18 @@ def pair_dataset(
     start_epoch: int = 0,
     cache: Cache = "none",
     images: np.ndarray | None = None,
+    workers: int | None = None,
 ) -> tf.data.Dataset:
     """An endless stream of batches `((images_a, images_b), same)`, epoch after epoch from `start_epoch`.
 
     Epoch `e` holds `steps_per_epoch(pairs_per_epoch, batch_size) * batch_size` pairs drawn by
     `sampler.pairs(e, ...)`, so batches never straddle epochs and a resumed run sees the same pairs.
     Images are uint8; `same` is float32 (1 = same item). With `cache="none"` each image is decoded from
-    its file in parallel; otherwise batches are gathered from `images` (or `decoded_images(...)`).
+    its file by `workers` processes (default `usable_cpus()`); otherwise batches are gathered from
+    `images` (or `decoded_images(...)`).
     """
     _check_cache(cache)
     per_epoch = steps_per_epoch(pairs_per_epoch, batch_size) * batch_size
-    catalog = sampler.catalog
-    spec = (image_size, image_size, 3)
 
     def draw(epoch):
         pairs = sampler.pairs(int(epoch), per_epoch)
@@ -144,29 +168,18 @@ def pair_dataset(
         a, b, y = tf.numpy_function(draw, [epoch], (tf.int64, tf.int64, tf.float32), stateful=False)
         return tf.data.Dataset.from_tensor_slices((a, b, y))
 
-    stream = tf.data.Dataset.counter(start_epoch).flat_map(epoch_pairs)
-    if cache == "none":
-        decode = _decoder([str(p) for p in catalog.paths], image_size)
+    load = _batch_loader(sampler.catalog, image_size, cache, images, workers)
+    shape = (None, image_size, image_size, 3)
 
-        def load(a, b, y):
-            image_a = tf.ensure_shape(tf.numpy_function(decode, [a], tf.uint8, stateful=False), spec)
-            image_b = tf.ensure_shape(tf.numpy_function(decode, [b], tf.uint8, stateful=False), spec)
-            return (image_a, image_b), y
+    def load_pair(a, b, y):
+        image_a, image_b = tf.numpy_function(lambda i, j: (load(i), load(j)), [a, b], (tf.uint8, tf.uint8),
+                                             stateful=False)
+        return (tf.ensure_shape(image_a, shape), tf.ensure_shape(image_b, shape)), y
 
-        ds = stream.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
-    else:
-        store = decoded_images(catalog, image_size, cache) if images is None else images
-        if store.shape[1:] != spec or len(store) != len(catalog.filenames):
-            raise SiameseError(
-                f"Expected decoded images of shape {(len(catalog.filenames), *spec)}. Received: {store.shape}"
-            )
-
-        def gather(a, b, y):
-            image_a, image_b = tf.numpy_function(
-                lambda i, j: (store[i], store[j]), [a, b], (tf.uint8, tf.uint8), stateful=False
-            )
-            shape = (None, *spec)
-            return (tf.ensure_shape(image_a, shape), tf.ensure_shape(image_b, shape)), y
-
-        ds = stream.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return (
+        tf.data.Dataset.counter(start_epoch)
+        .flat_map(epoch_pairs)
+        .batch(batch_size)
+        .map(load_pair, num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )

@@ -40,11 +40,11 @@ def test_pairs_from_files_are_the_decoded_images_of_the_sampled_pairs(catalog):
             assert (got_a[k] == decode_image(catalog.paths[pairs.first[k]], 16)).all()
 
 
-def test_cached_pipelines_equal_the_file_pipeline_and_resume_at_an_epoch(catalog):
+def test_cached_and_single_process_pipelines_equal_the_file_pipeline_and_resume_at_an_epoch(catalog):
     sampler = PairSampler(catalog, seed=2)
     from_files = take(pair_dataset(sampler, 12, batch_size=16, pairs_per_epoch=32), 4)
-    for cache in ("memory", "disk"):
-        cached = take(pair_dataset(sampler, 12, batch_size=16, pairs_per_epoch=32, cache=cache), 4)
+    for cache, workers in (("none", 1), ("memory", None), ("disk", None)):
+        cached = take(pair_dataset(sampler, 12, batch_size=16, pairs_per_epoch=32, cache=cache, workers=workers), 4)
         for x, y in zip(from_files, cached, strict=True):
             assert all((p == q).all() for p, q in zip(x, y, strict=True))
     resumed = take(pair_dataset(sampler, 12, batch_size=16, pairs_per_epoch=32, start_epoch=1), 2)

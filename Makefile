@@ -1,0 +1,33 @@
+# siamese: `make demo` runs the whole job on real data, `make test` runs the test suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The virtualenv is (re)built when it is missing or older than requirements.txt.
+STAMP := $(VENV)/.installed
+
+.PHONY: help install test lint bench
+
+help:
+	@echo "make install   virtualenv in $(VENV) with requirements.txt and the siamese package"
+	@echo "make test      the test suite (what CI runs)"
+	@echo "make lint      ruff"
+	@echo "make bench     input pipeline benchmark on Fashion-MNIST (figures in README.md)"
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/input_pipeline.py
