@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Sequence
 
 from siamese import __version__
+from siamese.config import BACKBONES, CACHES, LOSSES, TrainConfig
 from siamese.errors import SiameseError, plural
 
 
@@ -51,6 +52,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of items held out for validation, split by item (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default 0)")
     p.set_defaults(run=_validate)
+
+    p = commands.add_parser(
+        "train", help="train a siamese embedding network on a labeled catalog",
+        description="Train an embedding network with the contrastive loss on pairs drawn fresh every epoch. "
+        "Runs the checks of validate first, keeps the best model by validation precision@1 at --out (with "
+        ".config.json and .manifest.json beside it), and resumes from the last finished epoch when the same "
+        "command is run again after a crash.",
+    )
+    _add_catalog_args(p)
+    d = TrainConfig
+    p.add_argument("--out", default=d.out, help=f"checkpoint: .keras, or .h5/.hdf5 for HDF5 (default {d.out})")
+    p.add_argument("--val-labeled-data", metavar="F", help="a separate validation catalog instead of --val-fraction")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"pairs per batch (default {d.batch_size})")
+    p.add_argument("--pairs-per-epoch", type=int, default=d.pairs_per_epoch,
+                   help=f"fresh pairs drawn each epoch, half positive (default {d.pairs_per_epoch})")
+    p.add_argument("--backbone", default=d.backbone, choices=tuple(BACKBONES), help=f"default {d.backbone}")
+    p.add_argument("--weights", default=d.weights,
+                   help="imagenet, none or a weights file (default: imagenet for pretrained backbones, none for "
+                   "small_cnn)")
+    p.add_argument("--image-size", type=int, default=None, help="input pixels (default: the backbone's own)")
+    p.add_argument("--embedding-dim", type=int, default=d.embedding_dim, help=f"default {d.embedding_dim}")
+    p.add_argument("--trainable-layers", type=int, default=None, metavar="N",
+                   help="0 freezes the backbone, N fine-tunes its top N layers (default: train all)")
+    p.add_argument("--loss", default=d.loss, choices=LOSSES, help=f"default {d.loss}")
+    p.add_argument("--margin", type=float, default=d.margin, help=f"contrastive margin (default {d.margin})")
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate, help=f"Adam (default {d.learning_rate})")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help=f"items held out for validation (default {d.val_fraction})")
+    p.add_argument("--val-pairs", type=int, default=d.val_pairs, help=f"validation pairs (default {d.val_pairs})")
+    p.add_argument("--val-images", type=int, default=d.val_images,
+                   help=f"held-out images for precision@1 (default {d.val_images})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
+    p.add_argument("--cache", default=d.cache, choices=("auto", *CACHES),
+                   help="decoded images: in memory, on disk, or decoded every batch (default auto: memory if it "
+                   "fits in a quarter of RAM)")
+    p.set_defaults(run=_train)
 
     p = commands.add_parser(
         "make-dataset", help="write a real catalog (Fashion-MNIST or digits) as images + labeled JSON",
@@ -94,6 +132,19 @@ def _validate(args: argparse.Namespace) -> int:
           f"{len(train)} training items ({len(train.filenames)} images), "
           f"{len(val)} validation items ({len(val.filenames)} images)")
     print("OK: the catalog is ready for training.")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from siamese.train import sidecar, train
+
+    fields = set(TrainConfig.__dataclass_fields__)
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    result = train(config, verbose=2 if args.no_progress else "auto")
+    best = "n/a" if result.best is None else f"{result.best:.4f}"
+    print(f"Best {result.monitor} {best} at epoch {result.best_epoch}: {result.checkpoint}")
+    print(f"Settings: {sidecar(result.checkpoint, 'config')}; manifest: {sidecar(result.checkpoint, 'manifest')}; "
+          f"history: {sidecar(result.checkpoint, 'history')}")
     return 0
 
 

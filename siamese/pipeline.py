@@ -21,12 +21,12 @@ import tensorflow as tf
 
 from siamese import atomic
 from siamese.catalog import Catalog
+from siamese.config import CACHES
 from siamese.errors import SiameseError
 from siamese.images import cache_dir, decode_image, decode_images, parallel_map, usable_cpus
 from siamese.pairs import PairSampler
 
 Cache = Literal["none", "memory", "disk"]
-CACHES = ("none", "memory", "disk")
 _DECODER_VERSION = 1  # bump when decode_image changes its output, to invalidate on-disk caches
 
 
@@ -166,7 +166,7 @@ def pair_dataset(
 
     def epoch_pairs(epoch):
         a, b, y = tf.numpy_function(draw, [epoch], (tf.int64, tf.int64, tf.float32), stateful=False)
-        return tf.data.Dataset.from_tensor_slices((a, b, y))
+        return tf.data.Dataset.from_tensor_slices(tuple(tf.ensure_shape(t, (per_epoch,)) for t in (a, b, y)))
 
     load = _batch_loader(sampler.catalog, image_size, cache, images, workers)
     shape = (None, image_size, image_size, 3)

@@ -1,0 +1,100 @@
+"""Settings as dataclasses (written as JSON beside what a run produces) and the table of backbones.
+
+Nothing here imports TensorFlow, so the command line can show its defaults instantly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from siamese.errors import SiameseError
+
+CACHES = ("none", "memory", "disk")
+CHECKPOINT_SUFFIXES = (".keras", ".h5", ".hdf5")
+LOSSES = ("contrastive",)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A feature extractor: its constructor, default input size and the input scaling it was trained with."""
+
+    name: str
+    image_size: int
+    scale: float
+    offset: float
+    application: str | None = None  # attribute of keras.applications; None for small_cnn
+
+
+BACKBONES = {
+    b.name: b
+    for b in (
+        Backbone("small_cnn", 64, 1 / 255, 0.0),
+        Backbone("mobilenet_v2", 224, 1 / 127.5, -1.0, "MobileNetV2"),
+        Backbone("efficientnet_b0", 224, 1.0, 0.0, "EfficientNetB0"),  # rescales inside the model
+        Backbone("inception_v3", 299, 1 / 127.5, -1.0, "InceptionV3"),
+        Backbone("inception_resnet_v2", 299, 1 / 127.5, -1.0, "InceptionResNetV2"),
+    )
+}
+
+
+def get_backbone(name: str) -> Backbone:
+    """The `Backbone` called `name`; raises with the list of names otherwise."""
+    if name not in BACKBONES:
+        raise SiameseError(f"Expected --backbone to be one of {', '.join(BACKBONES)}. Received: {name!r}")
+    return BACKBONES[name]
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; written as JSON beside the checkpoint it produces."""
+
+    labeled_data: str
+    image_dir: str
+    out: str = "checkpoints/siamese.keras"
+    val_labeled_data: str | None = None  # a separate validation catalog instead of --val-fraction
+    epochs: int = 10
+    batch_size: int = 64
+    pairs_per_epoch: int = 8192
+    val_pairs: int = 1024
+    val_images: int = 2000  # held-out images used for precision@1 (a seeded sample when there are more)
+    backbone: str = "small_cnn"
+    weights: str = "auto"  # imagenet for keras.applications backbones, none for small_cnn; or a path
+    image_size: int | None = None  # the backbone's default
+    embedding_dim: int = 128
+    trainable_layers: int | None = None  # None: train all; 0: freeze the backbone; N: its top N layers
+    loss: str = "contrastive"
+    margin: float = 1.0
+    learning_rate: float = 1e-3
+    val_fraction: float = 0.2
+    seed: int = 0
+    on_bad_image: str = "fail"
+    cache: str = "auto"
+
+    def resolved(self) -> TrainConfig:
+        """A copy with defaults that depend on other settings filled in, after checking every value."""
+        spec = get_backbone(self.backbone)
+        out = Path(self.out)
+        if out.suffix not in CHECKPOINT_SUFFIXES:
+            raise SiameseError(
+                f"Expected --out to end in {', '.join(CHECKPOINT_SUFFIXES)}. Received: {self.out}"
+            )
+        if self.loss not in LOSSES:
+            raise SiameseError(f"Expected --loss to be one of {', '.join(LOSSES)}. Received: {self.loss!r}")
+        for name in ("epochs", "batch_size", "val_images"):
+            if getattr(self, name) < 1:
+                raise SiameseError(f"Expected --{name.replace('_', '-')} >= 1. Received: {getattr(self, name)}")
+        if self.margin <= 0 or self.learning_rate <= 0:
+            raise SiameseError(
+                f"Expected --margin and --learning-rate > 0. Received: {self.margin} and {self.learning_rate}"
+            )
+        if self.cache not in ("auto", *CACHES):
+            raise SiameseError(f"Expected --cache to be auto, {', '.join(CACHES)}. Received: {self.cache!r}")
+        weights = self.weights
+        if weights == "auto":
+            weights = "none" if spec.application is None else "imagenet"
+        return dataclasses.replace(self, weights=weights, image_size=self.image_size or spec.image_size)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,133 @@
+"""The embedding network (uint8 pixels in, L2-normalised embedding out) and the siamese training models.
+
+The embedding network owns its preprocessing: it takes uint8 RGB images of its input size and scales them
+the way its backbone expects, so training, export, index and query cannot disagree about it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import keras
+
+from siamese.config import Backbone, get_backbone
+from siamese.errors import SiameseError
+from siamese.layers import EuclideanDistance
+
+
+def _small_cnn(inputs, filters=(32, 64, 128)):
+    """Three blocks of two 3x3 convolutions with batch norm, then global average pooling."""
+    x = inputs
+    for n, f in enumerate(filters):
+        for k in range(2):
+            x = keras.layers.Conv2D(f, 3, padding="same", use_bias=False, name=f"block{n}_conv{k}")(x)
+            x = keras.layers.BatchNormalization(name=f"block{n}_bn{k}")(x)
+            x = keras.layers.ReLU(name=f"block{n}_relu{k}")(x)
+        x = keras.layers.MaxPooling2D(name=f"block{n}_pool")(x) if n < len(filters) - 1 else x
+    return keras.layers.GlobalAveragePooling2D(name="pool")(x)
+
+
+def _application(backbone: Backbone, image_size: int, weights: str | None):
+    """A keras.applications model without its top, average-pooled; explains an offline ImageNet download."""
+    constructor = getattr(keras.applications, backbone.application)
+    try:
+        return constructor(include_top=False, weights=weights, input_shape=(image_size, image_size, 3), pooling="avg")
+    except Exception as e:
+        if weights == "imagenet" and "fetch failure" in str(e):
+            raise SiameseError(
+                f"ImageNet weights for {backbone.name} could not be downloaded (no internet?): {e}. "
+                f"Fix: on a machine with internet run once to fill ~/.keras/models, or download the "
+                f"no-top weights file and pass --weights PATH, or --weights none to train from scratch."
+            ) from None
+        raise
+
+
+def build_embedding(
+    backbone: str = "small_cnn",
+    image_size: int | None = None,
+    embedding_dim: int = 128,
+    weights: str | None = None,
+    trainable_layers: int | None = None,
+) -> keras.Model:
+    """The embedding network: uint8 `(image_size, image_size, 3)` in, L2-normalised `(embedding_dim,)` out.
+
+    `image_size` defaults to the backbone's own (small_cnn 64, mobilenet_v2 and efficientnet_b0 224,
+    inception 299). `weights` is "imagenet" (downloaded by Keras, cached in ~/.keras/models), None / "none"
+    (random), or a path to a weights file (the backbone's no-top file; for small_cnn, a `.weights.h5` of
+    this whole embedding network). `trainable_layers` None (default) trains the whole backbone,
+    0 freezes it, N trains only its top N layers; batch-norm layers of a pretrained backbone stay frozen
+    whenever any layer is frozen. The projection and normalisation run in float32 under mixed precision.
+    """
+    spec = get_backbone(backbone)
+    image_size = image_size or spec.image_size
+    if image_size < 8:
+        raise SiameseError(f"Expected --image-size >= 8. Received: {image_size}")
+    if embedding_dim < 1:
+        raise SiameseError(f"Expected --embedding-dim >= 1. Received: {embedding_dim}")
+    weights = None if weights in (None, "none") else weights
+    if weights not in (None, "imagenet") and not Path(weights).is_file():
+        raise SiameseError(f"Weights file not found: {weights}. Fix: pass an existing file, imagenet or none.")
+    if backbone == "small_cnn" and weights == "imagenet":
+        raise SiameseError("small_cnn has no ImageNet weights. Fix: pass --weights none, or a pretrained --backbone.")
+
+    inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
+    x = keras.layers.Rescaling(spec.scale, spec.offset, name="preprocess")(inputs)
+    if spec.application is None:
+        pooled = _small_cnn(x)
+    else:
+        base = _application(spec, image_size, weights)
+        pooled = base(x)
+    x = keras.layers.Dense(embedding_dim, dtype="float32", name="projection")(pooled)
+    outputs = keras.layers.UnitNormalization(dtype="float32", name="l2_normalize")(x)
+    model = keras.Model(inputs, outputs, name=f"embedding_{backbone}")
+    if spec.application is None:
+        features = [layer for layer in model.layers if layer.name.startswith("block")]
+        if weights is not None:
+            model.load_weights(weights)
+    else:
+        features = base.layers
+    if trainable_layers is not None:
+        if trainable_layers < 0:
+            raise SiameseError(f"Expected --trainable-layers >= 0. Received: {trainable_layers}")
+        cut = len(features) - trainable_layers
+        for n, layer in enumerate(features):
+            layer.trainable = n >= cut and not isinstance(layer, keras.layers.BatchNormalization)
+    return model
+
+
+def build_siamese(embedding: keras.Model) -> keras.Model:
+    """Two uint8 images in, the Euclidean distance of their embeddings out `(batch, 1)`: for pair losses."""
+    shape = embedding.input_shape[1:]
+    a = keras.Input(shape, dtype="uint8", name="image_a")
+    b = keras.Input(shape, dtype="uint8", name="image_b")
+    distance = EuclideanDistance(name="distance")([embedding(a), embedding(b)])
+    return keras.Model([a, b], distance, name="siamese")
+
+
+def build_triplet(embedding: keras.Model) -> keras.Model:
+    """Anchor, positive and negative images in; `(batch, 2)` distances anchor-positive, anchor-negative out."""
+    shape = embedding.input_shape[1:]
+    anchor, positive, negative = (keras.Input(shape, dtype="uint8", name=n) for n in ("anchor", "positive", "negative"))
+    e_a, e_p, e_n = embedding(anchor), embedding(positive), embedding(negative)
+    d_ap = EuclideanDistance(name="distance_positive")([e_a, e_p])
+    d_an = EuclideanDistance(name="distance_negative")([e_a, e_n])
+    distances = keras.layers.Concatenate(dtype="float32", name="distances")([d_ap, d_an])
+    return keras.Model([anchor, positive, negative], distances, name="triplet")
+
+
+def load_embedding(path: str | os.PathLike) -> keras.Model:
+    """Load an embedding network saved by training (`.keras`, `.h5` or `.hdf5`), with a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise SiameseError(f"Model file not found: {path}. Fix: pass the checkpoint written by `train`.")
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as e:
+        raise SiameseError(f"{path} could not be loaded as a Keras model ({type(e).__name__}: {e}).") from None
+    if len(model.inputs) != 1 or model.inputs[0].dtype != "uint8":
+        raise SiameseError(
+            f"Expected {path} to be an embedding network with one uint8 image input. "
+            f"Received: inputs {[(t.shape, t.dtype) for t in model.inputs]}"
+        )
+    return model

@@ -1,0 +1,255 @@
+"""Training: a validated catalog in, the best embedding network out, resumable after any crash.
+
+`train(TrainConfig(...))` runs the same checks as `validate`, splits by item, streams fresh pairs every
+epoch, trains the siamese network with Keras `fit`, reports validation loss and precision@1 of held-out
+items each epoch, and keeps the best embedding network (`.keras`, or HDF5 for `.h5`/`.hdf5` names) with
+its configuration and a manifest beside it. A run killed at any point and started again with the same
+settings goes on from its last finished epoch and ends with the same weights (on the CPU).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from siamese import __version__, atomic
+from siamese.catalog import Catalog, load_catalog, split_by_item
+from siamese.config import TrainConfig
+from siamese.errors import SiameseError
+from siamese.evaluate import precision_at_1
+from siamese.images import check_images
+from siamese.losses import ContrastiveLoss
+from siamese.models import build_embedding, build_siamese
+from siamese.pairs import PairSampler
+from siamese.pipeline import decoded_images, pair_dataset, steps_per_epoch
+
+MEMORY_CACHE_LIMIT = 0.25
+"""`cache="auto"` decodes into memory when the images take at most this share of the machine's RAM."""
+
+
+def sidecar(checkpoint: str | os.PathLike, kind: str) -> Path:
+    """`checkpoints/x.keras` -> `checkpoints/x.<kind>.json` (config, manifest, history) or `x.backup/`."""
+    path = Path(checkpoint)
+    return path.with_name(f"{path.stem}.{kind}.json" if kind != "backup" else f"{path.stem}.backup")
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """`keras.callbacks.BackupAndRestore` whose weights and epoch are written as one atomic step.
+
+    Keras writes the weights, then the epoch: a kill between the two resumes the wrong epoch with the
+    next epoch's weights. Here each epoch's weights go to their own file (temp + rename), then the
+    metadata naming them is renamed into place, so what is on disk always agrees.
+    """
+
+    def saved_epoch(self) -> int:
+        """The epoch a restarted run will begin at (0 without a backup)."""
+        try:
+            return int(json.loads(Path(self._training_metadata_path).read_text())["epoch"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        name = f"epoch-{self._current_epoch}.weights.h5"
+        with atomic.atomic_path(Path(self.backup_dir) / name, suffix=".weights.h5") as tmp:
+            self.model.save_weights(tmp)
+        atomic.write_json(self._training_metadata_path, {"epoch": self._current_epoch, "batch": 0, "weights": name})
+        for old in Path(self.backup_dir).glob("epoch-*.weights.h5"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    def _load_model(self):
+        try:
+            metadata = json.loads(Path(self._training_metadata_path).read_text())
+        except FileNotFoundError:
+            return
+        self._weights_path = str(Path(self.backup_dir) / metadata["weights"])
+        super()._load_model()
+
+
+class RetrievalMetrics(keras.callbacks.Callback):
+    """Adds `val_precision_at_1` to each epoch's logs: leave-one-out nearest neighbour among held-out images."""
+
+    def __init__(self, embedding: keras.Model, images: np.ndarray, items: np.ndarray, batch_size: int):
+        super().__init__()
+        self.embedding, self.images, self.items, self.batch_size = embedding, images, items, batch_size
+
+    def on_epoch_end(self, epoch, logs=None):
+        # predict_on_batch: no tf.data pipeline is built for an in-memory array, so nothing to set up each epoch
+        vectors = np.concatenate([self.embedding.predict_on_batch(self.images[i : i + self.batch_size])
+                                  for i in range(0, len(self.images), self.batch_size)])
+        logs["val_precision_at_1"] = precision_at_1(vectors, self.items)
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Saves the embedding network atomically whenever `monitor` improves; keeps the per-epoch history.
+
+    Its state (best value, history) lives in the backup folder, so a resumed run compares against the best
+    of the epochs before the crash. At the end the history is written beside the checkpoint.
+    """
+
+    def __init__(self, embedding: keras.Model, path: Path, monitor: str, mode: str, state: Path, start_epoch: int):
+        super().__init__()
+        self.embedding, self.path, self.monitor, self.mode, self.state = embedding, path, monitor, mode, state
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.history: list[dict] = []
+        if start_epoch and state.exists():
+            saved = json.loads(state.read_text())
+            self.best, self.best_epoch = saved["best"], saved["best_epoch"]
+            self.history = saved["history"][:start_epoch]
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        self.history.append({"epoch": epoch + 1, **logs})
+        value = logs.get(self.monitor)
+        if value is not None and math.isfinite(value) and (
+            self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        ):
+            self.best, self.best_epoch = value, epoch + 1
+            with atomic.atomic_path(self.path, suffix=self.path.suffix) as tmp:
+                self.embedding.save(tmp)
+        atomic.write_json(self.state, {"best": self.best, "best_epoch": self.best_epoch, "history": self.history})
+
+    def on_train_end(self, logs=None):
+        atomic.write_json(sidecar(self.path, "history"), self.history)
+
+
+@dataclass
+class TrainResult:
+    """Where a run wrote its model and how it went."""
+
+    checkpoint: Path
+    monitor: str
+    best: float | None
+    best_epoch: int | None
+    history: list[dict]
+    resumed_from_epoch: int
+
+
+def _versions() -> dict[str, str]:
+    import PIL
+    import sklearn
+
+    return {"siamese": __version__, "python": platform.python_version(), "tensorflow": tf.__version__,
+            "keras": keras.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,
+            "pillow": PIL.__version__}
+
+
+def _choose_cache(config: TrainConfig, n_images: int) -> str:
+    if config.cache != "auto":
+        return config.cache
+    need = n_images * config.image_size**2 * 3
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return "memory" if need <= MEMORY_CACHE_LIMIT * ram else "disk"
+
+
+def _sample_images(catalog: Catalog, limit: int, seed: int) -> np.ndarray:
+    """Indices of at most `limit` images of `catalog`, a seeded sample, in order."""
+    n = len(catalog.filenames)
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+
+
+def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
+    """Train an embedding network as `config` says; see the module docstring. `verbose` goes to `fit`."""
+    config = config.resolved()
+    out = Path(config.out)
+    backup_dir = sidecar(out, "backup")
+    backup_config = backup_dir / "config.json"
+    if backup_config.exists() and json.loads(backup_config.read_text()) != config.to_dict():
+        raise SiameseError(
+            f"{backup_dir} holds an interrupted run with different settings. Fix: run the same command again "
+            f"to resume it, or delete {backup_dir} to start afresh."
+        )
+
+    progress = verbose not in (0, 2)  # tqdm bars only where Keras shows its own bar too
+    catalog = check_images(load_catalog(config.labeled_data, config.image_dir), config.on_bad_image, progress=progress)
+    if config.val_labeled_data:
+        train_catalog = catalog
+        val_catalog = check_images(load_catalog(config.val_labeled_data, config.image_dir), config.on_bad_image,
+                                   progress=progress)
+    else:
+        train_catalog, val_catalog = split_by_item(catalog, config.val_fraction, config.seed)
+    sampler = PairSampler(train_catalog, seed=config.seed)
+
+    keras.utils.set_random_seed(config.seed)
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        tf.config.experimental.enable_op_determinism()
+    strategy = tf.distribute.MirroredStrategy() if gpus else tf.distribute.get_strategy()
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16" if gpus else "float32")
+    try:
+        cache = _choose_cache(config, len(train_catalog.filenames) + len(val_catalog.filenames))
+        size = config.image_size
+        train_images = decoded_images(train_catalog, size, cache, progress=progress) if cache != "none" else None
+        backup = AtomicBackupAndRestore(str(backup_dir))
+        start_epoch = backup.saved_epoch()
+        stream = pair_dataset(sampler, size, batch_size=config.batch_size, pairs_per_epoch=config.pairs_per_epoch,
+                              start_epoch=start_epoch, cache=cache, images=train_images)
+
+        with strategy.scope():
+            embedding = build_embedding(config.backbone, size, config.embedding_dim, config.weights,
+                                        config.trainable_layers)
+            model = build_siamese(embedding)
+            model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=ContrastiveLoss(config.margin),
+                          jit_compile="auto" if gpus else False)
+
+        callbacks: list[keras.callbacks.Callback] = [backup]
+        validation, val_steps = None, None
+        monitor, mode = "loss", "min"
+        if len(val_catalog):
+            val_images = decoded_images(val_catalog, size, "disk" if cache == "disk" else "memory", progress=progress)
+            picked = _sample_images(val_catalog, config.val_images, config.seed)
+            callbacks.insert(0, RetrievalMetrics(embedding, val_images[picked], val_catalog.image_item[picked],
+                                                 config.batch_size))
+            monitor, mode = "val_precision_at_1", "max"
+            try:
+                val_sampler = PairSampler(val_catalog, seed=config.seed)
+            except SiameseError:
+                val_sampler = None  # e.g. a single validation item: precision@1 still works, a pair loss cannot
+            if val_sampler is not None:  # the same validation pairs every epoch, so val_loss is comparable
+                val_steps = steps_per_epoch(config.val_pairs, config.batch_size)
+                validation = pair_dataset(val_sampler, size, batch_size=config.batch_size,
+                                          pairs_per_epoch=config.val_pairs, cache="memory", images=val_images
+                                          ).take(val_steps).repeat()
+        checkpoint = BestCheckpoint(embedding, out, monitor, mode, backup_dir / "best.json", start_epoch)
+        callbacks.insert(len(callbacks) - 1, checkpoint)  # after the metrics, before the backup
+
+        atomic.write_json(backup_config, config.to_dict())
+        atomic.write_json(sidecar(out, "config"), config.to_dict())
+        manifest = {
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "seed": config.seed,
+            "versions": _versions(),
+            "devices": [d.name for d in gpus] or ["CPU"],
+            "precision": keras.mixed_precision.global_policy().name,
+            "cache": cache,
+            "catalog": {"labeled_data": str(config.labeled_data), "sha256": catalog.digest(),
+                        "summary": catalog.summary()},
+            "split": {"train_items": [i.id for i in train_catalog.items],
+                      "val_items": [i.id for i in val_catalog.items]},
+            "resumed_from_epoch": start_epoch,
+        }
+        model.fit(stream, epochs=config.epochs, steps_per_epoch=steps_per_epoch(config.pairs_per_epoch,
+                  config.batch_size), validation_data=validation, validation_steps=val_steps, shuffle=False,
+                  callbacks=callbacks, verbose=verbose)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+
+    manifest["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    manifest["best"] = {"monitor": monitor, "value": checkpoint.best, "epoch": checkpoint.best_epoch}
+    atomic.write_json(sidecar(out, "manifest"), manifest)
+    return TrainResult(out, monitor, checkpoint.best, checkpoint.best_epoch, checkpoint.history, start_epoch)
+
