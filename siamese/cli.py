@@ -136,10 +136,11 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from siamese.train import sidecar, train
-
     fields = set(TrainConfig.__dataclass_fields__)
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    config.resolved()  # settings errors before TensorFlow loads
+    from siamese.train import sidecar, train
+
     result = train(config, verbose=2 if args.no_progress else "auto")
     best = "n/a" if result.best is None else f"{result.best:.4f}"
     print(f"Best {result.monitor} {best} at epoch {result.best_epoch}: {result.checkpoint}")
@@ -161,7 +162,8 @@ def _make_dataset(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with `argv` (default `sys.argv[1:]`); return the exit status."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) is not for users; real failures still raise.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

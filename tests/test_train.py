@@ -1,0 +1,166 @@
+"""Training on real data (scikit-learn digits): it learns, it saves, it resumes after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from conftest import write_catalog, write_image
+
+from siamese.catalog import load_catalog, split_by_item
+from siamese.config import TrainConfig
+from siamese.errors import SiameseError
+from siamese.evaluate import precision_at_1
+from siamese.images import BadImagesError
+from siamese.models import build_embedding
+from siamese.pipeline import decoded_images
+from siamese.train import sidecar, train
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = {"image_size": 16, "batch_size": 32, "pairs_per_epoch": 512, "val_pairs": 128, "embedding_dim": 16}
+
+
+def digits_config(digits, out, **kwargs) -> TrainConfig:
+    settings = {**FAST, **kwargs}
+    return TrainConfig(labeled_data=str(digits / "train.json"), image_dir=str(digits), out=str(out), **settings)
+
+
+def test_training_lowers_the_loss_and_beats_the_untrained_model_on_held_out_classes(digits, tmp_path):
+    # Five digit classes train, five are held out. Random convolutions already separate digits well, so the
+    # embedding is kept small (8) to leave the untrained model room to be beaten; longer training on five
+    # classes over-specialises, which is why the best epoch (by held-out precision@1) is what is kept.
+    config = digits_config(digits, tmp_path / "digits.keras", epochs=3, val_fraction=0.5, pairs_per_epoch=2048,
+                           embedding_dim=8)
+    result = train(config, verbose=0)
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 3 and losses[-1] < 0.6 * losses[0]
+
+    catalog = load_catalog(digits / "train.json", digits)
+    _, val = split_by_item(catalog, 0.5, 0)
+    images = decoded_images(val, 16, progress=False)
+    keras.utils.set_random_seed(0)
+    untrained = build_embedding("small_cnn", 16, embedding_dim=8)
+    trained = keras.saving.load_model(result.checkpoint)
+    before = precision_at_1(untrained.predict(images, verbose=0), val.image_item)
+    after = precision_at_1(trained.predict(images, verbose=0), val.image_item)
+    assert after > before + 0.03, (before, after)
+    assert result.best == pytest.approx(max(h["val_precision_at_1"] for h in result.history))
+    assert after == pytest.approx(result.best, abs=1e-6)  # the checkpoint is the best epoch's model
+
+
+def test_checkpoint_config_and_manifest_are_written_beside_each_other(digits, tmp_path):
+    out = tmp_path / "file_saved_by_notebook.hdf5"
+    result = train(digits_config(digits, out, epochs=1), verbose=0)
+    assert h5py.is_hdf5(out) and result.checkpoint == out
+    assert keras.saving.load_model(out).output_shape == (None, 16)
+    config = json.loads(sidecar(out, "config").read_text())
+    assert config["weights"] == "none" and config["image_size"] == 16 and config["seed"] == 0
+    manifest = json.loads(sidecar(out, "manifest").read_text())
+    catalog = load_catalog(digits / "train.json", digits)
+    assert manifest["catalog"]["sha256"] == catalog.digest()
+    assert manifest["versions"]["keras"] == keras.__version__
+    assert manifest["devices"] == ["CPU"] and manifest["precision"] == "float32"
+    split = manifest["split"]
+    assert len(split["train_items"]) == 8 and len(split["val_items"]) == 2
+    assert not set(split["train_items"]) & set(split["val_items"])
+    assert json.loads(sidecar(out, "history").read_text())[0]["epoch"] == 1
+    assert not sidecar(out, "backup").exists()  # removed once training finished
+
+
+def cli_train(digits, out, epochs) -> list[str]:
+    return [sys.executable, "utilities.py", "train", "--labeled-data", str(digits / "train.json"),
+            "--image-dir", str(digits), "--out", str(out), "--epochs", str(epochs), "--image-size", "16",
+            "--batch-size", "32", "--pairs-per-epoch", "512", "--val-pairs", "128", "--embedding-dim", "16",
+            "--no-progress"]
+
+
+def test_resume_after_sigkill_ends_like_an_uninterrupted_run(digits, tmp_path, cache_dir):
+    epochs = 5
+    env = {**os.environ, "SIAMESE_CACHE_DIR": str(cache_dir), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    killed = tmp_path / "killed.keras"
+    metadata = sidecar(killed, "backup") / "training_metadata.json"
+    process = subprocess.Popen(cli_train(digits, killed, epochs), cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if metadata.exists() and json.loads(metadata.read_text())["epoch"] >= 2:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, process.stderr.read().decode()[-2000:]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved_epoch = json.loads(metadata.read_text())["epoch"]
+    assert 2 <= saved_epoch < epochs
+
+    resumed = subprocess.run(cli_train(digits, killed, epochs), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    manifest = json.loads(sidecar(killed, "manifest").read_text())
+    assert manifest["resumed_from_epoch"] == saved_epoch
+    history = json.loads(sidecar(killed, "history").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+
+    straight = tmp_path / "straight.keras"
+    whole = subprocess.run(cli_train(digits, straight, epochs), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert json.loads(sidecar(straight, "history").read_text()) == history
+    a, b = keras.saving.load_model(killed), keras.saving.load_model(straight)
+    for x, y in zip(a.weights, b.weights, strict=True):
+        np.testing.assert_array_equal(x.numpy(), y.numpy())
+
+
+def test_a_backup_from_other_settings_is_not_resumed(digits, tmp_path):
+    out = tmp_path / "m.keras"
+    backup = sidecar(out, "backup")
+    backup.mkdir()
+    (backup / "config.json").write_text(json.dumps({"epochs": 99}))
+    with pytest.raises(SiameseError, match="m.backup holds an interrupted run with different settings. Fix: run "
+                                           "the same command again to resume it, or delete"):
+        train(digits_config(digits, out, epochs=1), verbose=0)
+
+
+def test_training_runs_the_image_check_first(tmp_path):
+    for item in ("a", "b", "c"):
+        for k in range(3):
+            write_image(tmp_path / f"{item}{k}.png", color=(80 * k, 40, 200 if item == "a" else 0))
+    (tmp_path / "c2.png").write_bytes(b"broken")
+    path = write_catalog(tmp_path, {i: {"images": [{"filename": f"{i}{k}.png"} for k in range(3)]} for i in "abc"})
+    config = TrainConfig(labeled_data=str(path), image_dir=str(tmp_path), out=str(tmp_path / "m.keras"), epochs=1,
+                         val_fraction=0.0, **FAST)
+    with pytest.raises(BadImagesError, match="item 'c': c2.png: not an image"):
+        train(config, verbose=0)
+    assert not (tmp_path / "m.keras").exists()
+    config.on_bad_image = "skip"
+    with pytest.warns(UserWarning, match="Skipping 1 image"):
+        result = train(config, verbose=0)
+    assert result.monitor == "loss" and result.checkpoint.exists()  # no validation items: the best training loss
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"out": "model.pt"}, r"Expected --out to end in .keras, .h5, .hdf5. Received: model.pt"),
+     ({"loss": "hinge"}, r"Expected --loss to be one of contrastive. Received: 'hinge'"),
+     ({"epochs": 0}, r"Expected --epochs >= 1. Received: 0"),
+     ({"margin": -1.0}, r"Expected --margin and --learning-rate > 0"),
+     ({"cache": "gpu"}, r"Expected --cache to be auto, none, memory, disk. Received: 'gpu'")],
+)
+def test_settings_are_checked_before_anything_runs(tmp_path, change, message):
+    config = TrainConfig(labeled_data="x.json", image_dir=str(tmp_path), **change)
+    with pytest.raises(SiameseError, match=message):
+        config.resolved()
+
+
+def test_cli_train_error_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "utilities.py", "train", "--labeled-data", "x.json", "--image-dir",
+                             str(tmp_path), "--out", "model.pt"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "utilities.py: error: Expected --out to end in .keras, .h5, .hdf5. Received: model.pt"]
