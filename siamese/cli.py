@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"pairs per batch (default {d.batch_size})")
     p.add_argument("--pairs-per-epoch", type=int, default=d.pairs_per_epoch,
-                   help=f"fresh pairs drawn each epoch, half positive (default {d.pairs_per_epoch})")
+                   help=f"fresh pairs (or triplets) drawn each epoch, half positive (default {d.pairs_per_epoch})")
     p.add_argument("--backbone", default=d.backbone, choices=tuple(BACKBONES), help=f"default {d.backbone}")
     p.add_argument("--weights", default=d.weights,
                    help="imagenet, none or a weights file (default: imagenet for pretrained backbones, none for "
@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-dim", type=int, default=d.embedding_dim, help=f"default {d.embedding_dim}")
     p.add_argument("--trainable-layers", type=int, default=None, metavar="N",
                    help="0 freezes the backbone, N fine-tunes its top N layers (default: train all)")
-    p.add_argument("--loss", default=d.loss, choices=LOSSES, help=f"default {d.loss}")
+    p.add_argument("--loss", default=d.loss, choices=LOSSES,
+                   help=f"contrastive on pairs, or triplet on (anchor, positive, negative) triplets (default {d.loss})")
     p.add_argument("--margin", type=float, default=d.margin, help=f"contrastive margin (default {d.margin})")
     p.add_argument("--learning-rate", type=float, default=d.learning_rate, help=f"Adam (default {d.learning_rate})")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction,

@@ -13,7 +13,7 @@ from siamese.errors import SiameseError
 
 CACHES = ("none", "memory", "disk")
 CHECKPOINT_SUFFIXES = (".keras", ".h5", ".hdf5")
-LOSSES = ("contrastive",)
+LOSSES = ("contrastive", "triplet")
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class TrainConfig:
     val_labeled_data: str | None = None  # a separate validation catalog instead of --val-fraction
     epochs: int = 10
     batch_size: int = 64
-    pairs_per_epoch: int = 8192
+    pairs_per_epoch: int = 8192  # triplets per epoch with loss="triplet"
     val_pairs: int = 1024
     val_images: int = 2000  # held-out images used for precision@1 (a seeded sample when there are more)
     backbone: str = "small_cnn"

@@ -26,12 +26,21 @@ class Pairs(NamedTuple):
     same: np.ndarray
 
 
+class Triplets(NamedTuple):
+    """Image indices: an anchor, a positive (same item) and a negative (an item sharing no label)."""
+
+    anchor: np.ndarray
+    positive: np.ndarray
+    negative: np.ndarray
+
+
 class PairSampler:
     """Draw pairs of a catalog's images as a pure function of `(seed, epoch)`.
 
     Each call of `pairs(epoch, n)` returns `n // 2` positive and `n - n // 2` negative pairs in shuffled
-    order. Items are drawn uniformly (every item weighs the same, however many images it has), then images
-    uniformly within the item. A resumed run asking for the same epoch gets the same pairs.
+    order; `triplets(epoch, n)` returns anchor/positive/negative triplets for the triplet loss. Items are
+    drawn uniformly (every item weighs the same, however many images it has), then images uniformly
+    within the item. A resumed run asking for the same epoch gets the same pairs.
     """
 
     def __init__(self, catalog: Catalog, seed: int = 0):
@@ -90,34 +99,38 @@ class PairSampler:
     def _images(self, rng: np.random.Generator, items: np.ndarray) -> np.ndarray:
         return self._offsets[items] + rng.integers(self._counts[items])
 
-    def pairs(self, epoch: int, n: int) -> Pairs:
-        """The `n` pairs of `epoch`: half positive, half negative, shuffled; same arguments, same pairs."""
-        if n < 2:
-            raise SiameseError(f"Expected at least 2 pairs per epoch. Received: {n}")
-        rng = np.random.default_rng([self.seed, int(epoch)])
-        n_pos, n_neg = n // 2, n - n // 2
-
-        items = rng.choice(self._positive_items, n_pos)
+    def _positive_images(self, rng: np.random.Generator, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Two different images of each of `items`."""
         first = rng.integers(self._counts[items])
         second = rng.integers(self._counts[items] - 1)
-        second += second >= first  # a different image of the same item
-        pos_a, pos_b = self._offsets[items] + first, self._offsets[items] + second
+        second += second >= first
+        return self._offsets[items] + first, self._offsets[items] + second
 
-        neg_items_a = rng.choice(self._negative_items, n_neg)
-        neg_items_b = rng.integers(len(self._counts), size=n_neg)
+    def _negative_partners(self, rng: np.random.Generator, items: np.ndarray) -> np.ndarray:
+        """For each of `items`, a random item sharing no label with it (and not itself)."""
+        partners = rng.integers(len(self._counts), size=len(items))
         for _ in range(_REJECTION_ROUNDS):
-            bad = np.flatnonzero(
-                (neg_items_a == neg_items_b) | self._share_label(neg_items_a, neg_items_b)
-            )
+            bad = np.flatnonzero((items == partners) | self._share_label(items, partners))
             if len(bad) == 0:
-                break
-            neg_items_b[bad] = rng.integers(len(self._counts), size=len(bad))
-        else:  # rare partners: draw them from the explicit list of allowed items
-            for i in bad:
-                allowed = np.setdiff1d(np.arange(len(self._counts)), self._related(neg_items_a[i]))
-                neg_items_b[i] = rng.choice(allowed)
-        neg_a, neg_b = self._images(rng, neg_items_a), self._images(rng, neg_items_b)
+                return partners
+            partners[bad] = rng.integers(len(self._counts), size=len(bad))
+        for i in bad:  # rare partners: draw them from the explicit list of allowed items
+            partners[i] = rng.choice(np.setdiff1d(np.arange(len(self._counts)), self._related(items[i])))
+        return partners
 
+    def _rng(self, epoch: int, n: int, what: str) -> np.random.Generator:
+        if n < 2:
+            raise SiameseError(f"Expected at least 2 {what} per epoch. Received: {n}")
+        return np.random.default_rng([self.seed, int(epoch)])
+
+    def pairs(self, epoch: int, n: int) -> Pairs:
+        """The `n` pairs of `epoch`: half positive, half negative, shuffled; same arguments, same pairs."""
+        rng = self._rng(epoch, n, "pairs")
+        n_pos, n_neg = n // 2, n - n // 2
+        pos_a, pos_b = self._positive_images(rng, rng.choice(self._positive_items, n_pos))
+        neg_items = rng.choice(self._negative_items, n_neg)
+        neg_a = self._images(rng, neg_items)
+        neg_b = self._images(rng, self._negative_partners(rng, neg_items))
         order = rng.permutation(n)
         same = np.concatenate([np.ones(n_pos, np.float32), np.zeros(n_neg, np.float32)])
         return Pairs(
@@ -125,3 +138,18 @@ class PairSampler:
             np.concatenate([pos_b, neg_b])[order].astype(np.int64),
             same[order],
         )
+
+    def triplets(self, epoch: int, n: int) -> Triplets:
+        """The `n` triplets of `epoch`: an anchor image, another image of its item, and an image of an item
+        sharing no label with it. Anchors are items with two or more images and a negative partner."""
+        rng = self._rng(epoch, n, "triplets")
+        anchors = np.intersect1d(self._positive_items, self._negative_items)
+        if len(anchors) == 0:
+            raise SiameseError(
+                "No triplets: no item has both two images and another item sharing none of its labels. "
+                "Fix: add images or items, or use --loss contrastive."
+            )
+        items = rng.choice(anchors, n)
+        anchor, positive = self._positive_images(rng, items)
+        negative = self._images(rng, self._negative_partners(rng, items))
+        return Triplets(anchor.astype(np.int64), positive.astype(np.int64), negative.astype(np.int64))

@@ -148,38 +148,42 @@ def pair_dataset(
     cache: Cache = "none",
     images: np.ndarray | None = None,
     workers: int | None = None,
+    triplets: bool = False,
 ) -> tf.data.Dataset:
     """An endless stream of batches `((images_a, images_b), same)`, epoch after epoch from `start_epoch`.
 
     Epoch `e` holds `steps_per_epoch(pairs_per_epoch, batch_size) * batch_size` pairs drawn by
     `sampler.pairs(e, ...)`, so batches never straddle epochs and a resumed run sees the same pairs.
-    Images are uint8; `same` is float32 (1 = same item). With `cache="none"` each image is decoded from
-    its file by `workers` processes (default `usable_cpus()`); otherwise batches are gathered from
-    `images` (or `decoded_images(...)`).
+    Images are uint8; `same` is float32 (1 = same item). With `triplets=True` the batches are
+    `((anchors, positives, negatives), zeros)` from `sampler.triplets`. With `cache="none"` each image is
+    decoded from its file by `workers` processes (default `usable_cpus()`); otherwise batches are gathered
+    from `images` (or `decoded_images(...)`).
     """
     _check_cache(cache)
     per_epoch = steps_per_epoch(pairs_per_epoch, batch_size) * batch_size
+    k = 3 if triplets else 2
 
     def draw(epoch):
-        pairs = sampler.pairs(int(epoch), per_epoch)
-        return pairs.first, pairs.second, pairs.same
+        if triplets:
+            return (*sampler.triplets(int(epoch), per_epoch), np.zeros(per_epoch, np.float32))
+        return tuple(sampler.pairs(int(epoch), per_epoch))
 
-    def epoch_pairs(epoch):
-        a, b, y = tf.numpy_function(draw, [epoch], (tf.int64, tf.int64, tf.float32), stateful=False)
-        return tf.data.Dataset.from_tensor_slices(tuple(tf.ensure_shape(t, (per_epoch,)) for t in (a, b, y)))
+    def epoch_draw(epoch):
+        drawn = tf.numpy_function(draw, [epoch], (tf.int64,) * k + (tf.float32,), stateful=False)
+        return tf.data.Dataset.from_tensor_slices(tuple(tf.ensure_shape(t, (per_epoch,)) for t in drawn))
 
     load = _batch_loader(sampler.catalog, image_size, cache, images, workers)
     shape = (None, image_size, image_size, 3)
 
-    def load_pair(a, b, y):
-        image_a, image_b = tf.numpy_function(lambda i, j: (load(i), load(j)), [a, b], (tf.uint8, tf.uint8),
-                                             stateful=False)
-        return (tf.ensure_shape(image_a, shape), tf.ensure_shape(image_b, shape)), y
+    def load_images(*batch):
+        *indices, y = batch
+        loaded = tf.numpy_function(lambda *i: tuple(load(j) for j in i), indices, (tf.uint8,) * k, stateful=False)
+        return tuple(tf.ensure_shape(x, shape) for x in loaded), y
 
     return (
         tf.data.Dataset.counter(start_epoch)
-        .flat_map(epoch_pairs)
+        .flat_map(epoch_draw)
         .batch(batch_size)
-        .map(load_pair, num_parallel_calls=tf.data.AUTOTUNE)
+        .map(load_images, num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )

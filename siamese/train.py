@@ -27,8 +27,8 @@ from siamese.config import TrainConfig
 from siamese.errors import SiameseError
 from siamese.evaluate import precision_at_1
 from siamese.images import check_images
-from siamese.losses import ContrastiveLoss
-from siamese.models import build_embedding, build_siamese
+from siamese.losses import ContrastiveLoss, TripletLoss
+from siamese.models import build_embedding, build_siamese, build_triplet
 from siamese.pairs import PairSampler
 from siamese.pipeline import decoded_images, pair_dataset, steps_per_epoch
 
@@ -196,14 +196,18 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
         train_images = decoded_images(train_catalog, size, cache, progress=progress) if cache != "none" else None
         backup = AtomicBackupAndRestore(str(backup_dir))
         start_epoch = backup.saved_epoch()
+        triplets = config.loss == "triplet"
+        if triplets:
+            sampler.triplets(0, 2)  # a catalog that cannot give triplets fails here, not inside fit
         stream = pair_dataset(sampler, size, batch_size=config.batch_size, pairs_per_epoch=config.pairs_per_epoch,
-                              start_epoch=start_epoch, cache=cache, images=train_images)
+                              start_epoch=start_epoch, cache=cache, images=train_images, triplets=triplets)
 
         with strategy.scope():
             embedding = build_embedding(config.backbone, size, config.embedding_dim, config.weights,
                                         config.trainable_layers)
-            model = build_siamese(embedding)
-            model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=ContrastiveLoss(config.margin),
+            model = build_triplet(embedding) if triplets else build_siamese(embedding)
+            loss = TripletLoss(config.margin) if triplets else ContrastiveLoss(config.margin)
+            model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=loss,
                           jit_compile="auto" if gpus else False)
 
         callbacks: list[keras.callbacks.Callback] = [backup]
@@ -217,13 +221,15 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
             monitor, mode = "val_precision_at_1", "max"
             try:
                 val_sampler = PairSampler(val_catalog, seed=config.seed)
+                if triplets:
+                    val_sampler.triplets(0, 2)
             except SiameseError:
                 val_sampler = None  # e.g. a single validation item: precision@1 still works, a pair loss cannot
             if val_sampler is not None:  # the same validation pairs every epoch, so val_loss is comparable
                 val_steps = steps_per_epoch(config.val_pairs, config.batch_size)
                 validation = pair_dataset(val_sampler, size, batch_size=config.batch_size,
-                                          pairs_per_epoch=config.val_pairs, cache="memory", images=val_images
-                                          ).take(val_steps).repeat()
+                                          pairs_per_epoch=config.val_pairs, cache="memory", images=val_images,
+                                          triplets=triplets).take(val_steps).repeat()
         checkpoint = BestCheckpoint(embedding, out, monitor, mode, backup_dir / "best.json", start_epoch)
         callbacks.insert(len(callbacks) - 1, checkpoint)  # after the metrics, before the backup
 

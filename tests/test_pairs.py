@@ -99,3 +99,30 @@ def test_clear_errors_when_a_kind_of_pair_is_impossible(tmp_path):
     ok = load_catalog(solid_catalog(tmp_path / "ok", {"a": (2, []), "b": (2, [])}), tmp_path / "ok")
     with pytest.raises(SiameseError, match="Expected at least 2 pairs per epoch. Received: 1"):
         PairSampler(ok).pairs(0, 1)
+
+
+def test_triplets_follow_the_label_rule_and_are_reproducible(labeled):
+    sampler = PairSampler(labeled, seed=3)
+    item = labeled.image_item
+    triplets = sampler.triplets(0, 500)
+    for a, p, n in zip(*triplets, strict=True):
+        assert item[a] == item[p] and a != p
+        assert item[a] != item[n] and not share_label(labeled, item[a], item[n])
+    again = sampler.triplets(0, 500)
+    assert all((x == y).all() for x, y in zip(triplets, again, strict=True))
+    assert not (sampler.triplets(1, 500).anchor == triplets.anchor).all()
+
+
+def test_no_triplets_without_an_anchor(tmp_path):
+    # "a" has two images but shares a label with "b"; "c" shares no label but has only one image.
+    spec = {"a": (2, ["x"]), "b": (1, ["x"]), "c": (1, ["y"])}
+    catalog = load_catalog(solid_catalog(tmp_path, spec), tmp_path)
+    triplets = PairSampler(catalog).triplets(0, 10)  # a's negative partner is c
+    assert set(catalog.image_item[triplets.anchor]) == {0}
+    spec = {"a": (2, ["x"]), "b": (2, ["x"]), "c": (1, ["y"])}
+    catalog = load_catalog(solid_catalog(tmp_path / "2", spec), tmp_path / "2")
+    assert len(PairSampler(catalog).triplets(0, 10).anchor) == 10
+    spec = {"a": (2, ["x"]), "b": (1, ["x", "y"]), "c": (1, ["y"])}
+    catalog = load_catalog(solid_catalog(tmp_path / "3", spec), tmp_path / "3")
+    with pytest.raises(SiameseError, match="No triplets: no item has both two images and another item sharing"):
+        PairSampler(catalog).triplets(0, 10)

@@ -84,3 +84,13 @@ def test_pipeline_arguments_are_checked(tmp_path):
         pair_dataset(sampler, 8, batch_size=0)
     with pytest.raises(SiameseError, match=r"Expected decoded images of shape \(4, 8, 8, 3\)"):
         pair_dataset(sampler, 8, cache="memory", images=np.zeros((4, 9, 9, 3), np.uint8))
+
+
+def test_triplet_stream_decodes_anchor_positive_negative(catalog):
+    sampler = PairSampler(catalog, seed=4)
+    (anchors, positives, negatives), zeros = next(iter(pair_dataset(sampler, 8, batch_size=6, triplets=True)))
+    drawn = sampler.triplets(0, steps_per_epoch(1024, 6) * 6)
+    assert anchors.shape == (6, 8, 8, 3) and (zeros.numpy() == 0).all()
+    for k in range(6):
+        assert (negatives[k].numpy() == decode_image(catalog.paths[drawn.negative[k]], 8)).all()
+        assert (positives[k].numpy() == decode_image(catalog.paths[drawn.positive[k]], 8)).all()

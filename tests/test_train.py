@@ -164,3 +164,11 @@ def test_cli_train_error_is_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "utilities.py: error: Expected --out to end in .keras, .h5, .hdf5. Received: model.pt"]
+
+
+def test_triplet_loss_trains_behind_the_same_flag(digits, tmp_path):
+    result = train(digits_config(digits, tmp_path / "triplet.keras", epochs=2, loss="triplet"), verbose=0)
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    assert "val_loss" in result.history[0] and result.monitor == "val_precision_at_1"
+    assert keras.saving.load_model(result.checkpoint).output_shape == (None, 16)
