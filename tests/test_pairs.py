@@ -122,7 +122,9 @@ def test_no_triplets_without_an_anchor(tmp_path):
     spec = {"a": (2, ["x"]), "b": (2, ["x"]), "c": (1, ["y"])}
     catalog = load_catalog(solid_catalog(tmp_path / "2", spec), tmp_path / "2")
     assert len(PairSampler(catalog).triplets(0, 10).anchor) == 10
-    spec = {"a": (2, ["x"]), "b": (1, ["x", "y"]), "c": (1, ["y"])}
+    # "a" shares a label with everyone; only the single-image "b" and "c" make a negative pair.
+    spec = {"a": (2, ["x", "y"]), "b": (1, ["x"]), "c": (1, ["y"])}
     catalog = load_catalog(solid_catalog(tmp_path / "3", spec), tmp_path / "3")
+    assert PairSampler(catalog).pairs(0, 4).same.sum() == 2  # pairs are still possible
     with pytest.raises(SiameseError, match="No triplets: no item has both two images and another item sharing"):
         PairSampler(catalog).triplets(0, 10)
