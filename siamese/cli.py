@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_catalog_args(p)
     d = TrainConfig
     p.add_argument("--out", default=d.out, help=f"checkpoint: .keras, or .h5/.hdf5 for HDF5 (default {d.out})")
-    p.add_argument("--val-labeled-data", metavar="F", help="a separate validation catalog instead of --val-fraction")
+    p.add_argument("--val-labeled-data", metavar="F",
+                   help="a separate validation catalog (filenames under --image-dir) instead of --val-fraction")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"pairs per batch (default {d.batch_size})")
     p.add_argument("--pairs-per-epoch", type=int, default=d.pairs_per_epoch,
