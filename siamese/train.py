@@ -161,6 +161,32 @@ def _sample_images(catalog: Catalog, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
 
 
+def _validation(config: TrainConfig, val_catalog: Catalog, embedding: keras.Model, cache: str, triplets: bool,
+                progress: bool) -> tuple[list[keras.callbacks.Callback], tf.data.Dataset | None, int | None]:
+    """The precision@1 callback and the fixed validation pairs (or triplets) with their step count.
+
+    Nothing without validation items; no pair loss when the held-out items cannot form both kinds of pair
+    (e.g. a single item), while precision@1 still works.
+    """
+    if not len(val_catalog):
+        return [], None, None
+    size = config.image_size
+    images = decoded_images(val_catalog, size, "disk" if cache == "disk" else "memory", progress=progress)
+    picked = _sample_images(val_catalog, config.val_images, config.seed)
+    metrics = RetrievalMetrics(embedding, images[picked], val_catalog.image_item[picked], config.batch_size)
+    try:
+        sampler = PairSampler(val_catalog, seed=config.seed)
+        if triplets:
+            sampler.triplets(0, 2)
+    except SiameseError:
+        return [metrics], None, None
+    steps = steps_per_epoch(config.val_pairs, config.batch_size)
+    # take + repeat: the same validation pairs every epoch, so val_loss is comparable across epochs
+    pairs = pair_dataset(sampler, size, batch_size=config.batch_size, pairs_per_epoch=config.val_pairs,
+                         cache="memory", images=images, triplets=triplets).take(steps).repeat()
+    return [metrics], pairs, steps
+
+
 def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
     """Train an embedding network as `config` says; see the module docstring. `verbose` goes to `fit`."""
     config = config.resolved()
@@ -210,28 +236,10 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
             model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=loss,
                           jit_compile="auto" if gpus else False)
 
-        callbacks: list[keras.callbacks.Callback] = [backup]
-        validation, val_steps = None, None
-        monitor, mode = "loss", "min"
-        if len(val_catalog):
-            val_images = decoded_images(val_catalog, size, "disk" if cache == "disk" else "memory", progress=progress)
-            picked = _sample_images(val_catalog, config.val_images, config.seed)
-            callbacks.insert(0, RetrievalMetrics(embedding, val_images[picked], val_catalog.image_item[picked],
-                                                 config.batch_size))
-            monitor, mode = "val_precision_at_1", "max"
-            try:
-                val_sampler = PairSampler(val_catalog, seed=config.seed)
-                if triplets:
-                    val_sampler.triplets(0, 2)
-            except SiameseError:
-                val_sampler = None  # e.g. a single validation item: precision@1 still works, a pair loss cannot
-            if val_sampler is not None:  # the same validation pairs every epoch, so val_loss is comparable
-                val_steps = steps_per_epoch(config.val_pairs, config.batch_size)
-                validation = pair_dataset(val_sampler, size, batch_size=config.batch_size,
-                                          pairs_per_epoch=config.val_pairs, cache="memory", images=val_images,
-                                          triplets=triplets).take(val_steps).repeat()
+        metrics, validation, val_steps = _validation(config, val_catalog, embedding, cache, triplets, progress)
+        monitor, mode = ("val_precision_at_1", "max") if metrics else ("loss", "min")
         checkpoint = BestCheckpoint(embedding, out, monitor, mode, backup_dir / "best.json", start_epoch)
-        callbacks.insert(len(callbacks) - 1, checkpoint)  # after the metrics, before the backup
+        callbacks = [*metrics, checkpoint, backup]  # epoch ends run in this order: measure, keep the best, back up
 
         atomic.write_json(backup_config, config.to_dict())
         atomic.write_json(sidecar(out, "config"), config.to_dict())
