@@ -142,7 +142,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "siamese"
 
 
-def _stamp(path: Path) -> list[int]:
+def file_stamp(path: Path) -> list[int]:
+    """What tells a file changed without reading it: [size, mtime in ns, inode]."""
     st = path.stat()
     return [st.st_size, st.st_mtime_ns, st.st_ino]
 
@@ -180,7 +181,7 @@ def find_bad_images(
     results: dict[str, str | None] = {}
     for filename, path in zip(catalog.filenames, catalog.paths, strict=True):
         try:
-            stamps[filename] = _stamp(path)
+            stamps[filename] = file_stamp(path)
         except OSError as e:
             results[filename] = f"cannot be read ({e.strerror})"
             continue

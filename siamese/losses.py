@@ -19,9 +19,7 @@ def contrastive_loss(y_true, distance, margin: float = 1.0):
 
 
 class _MarginLoss(keras.losses.Loss):
-    """A loss `fn(y_true, y_pred, margin)` with a `margin` that `get_config` keeps."""
-
-    fn = staticmethod(contrastive_loss)
+    """A loss `fn(y_true, y_pred, margin)` with a `margin` that `get_config` keeps; subclasses set `fn`."""
 
     def __init__(self, margin: float, name: str, reduction: str, dtype):
         if margin <= 0:
@@ -39,6 +37,8 @@ class _MarginLoss(keras.losses.Loss):
 @keras.saving.register_keras_serializable(package="siamese")
 class ContrastiveLoss(_MarginLoss):
     """`contrastive_loss` as a serializable Keras loss; `margin` defaults to 1.0."""
+
+    fn = staticmethod(contrastive_loss)
 
     def __init__(self, margin: float = 1.0, name: str = "contrastive_loss", reduction="sum_over_batch_size",
                  dtype=None):

@@ -11,9 +11,7 @@ import hashlib
 import json
 import math
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -23,7 +21,7 @@ from siamese import atomic
 from siamese.catalog import Catalog
 from siamese.config import CACHES
 from siamese.errors import SiameseError
-from siamese.images import cache_dir, decode_image, decode_images, parallel_map, usable_cpus
+from siamese.images import cache_dir, decode_image, decode_images, file_stamp, parallel_map, usable_cpus
 from siamese.pairs import PairSampler
 
 Cache = Literal["none", "memory", "disk"]
@@ -44,7 +42,8 @@ def decoded_images(
     `cache="memory"` (default) decodes into RAM; `cache="disk"` decodes once into a `.npy` under
     `cache_dir()/decoded/` keyed by the files' paths, sizes and times, and memory-maps it on later calls.
     """
-    _check_cache(cache)
+    if cache not in ("memory", "disk"):
+        raise SiameseError(f"Expected cache to be memory or disk ('none' decodes on the fly). Received: {cache!r}")
     shape = (len(catalog.filenames), image_size, image_size, 3)
 
     def fill(store: np.ndarray) -> None:
@@ -57,9 +56,7 @@ def decoded_images(
         store = np.empty(shape, np.uint8)
         fill(store)
         return store
-    if cache != "disk":
-        raise SiameseError("decoded_images needs cache='memory' or 'disk'; 'none' decodes on the fly.")
-    stamps = [[str(p.resolve()), *_size_mtime(p)] for p in catalog.paths]
+    stamps = [[str(p.resolve()), *file_stamp(p)] for p in catalog.paths]
     key = hashlib.sha256(json.dumps([_DECODER_VERSION, image_size, stamps]).encode()).hexdigest()[:32]
     path = cache_dir() / "decoded" / f"{key}.npy"
     if path.exists():
@@ -72,11 +69,6 @@ def decoded_images(
         store.flush()
         del store
     return np.load(path, mmap_mode="r")
-
-
-def _size_mtime(path: Path) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
 
 
 def _batch_loader(
