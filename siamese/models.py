@@ -50,11 +50,14 @@ def _application(backbone: Backbone, image_size: int, weights: str | None):
 def build_embedding(
     backbone: str = "small_cnn",
     image_size: int | None = None,
-    embedding_dim: int = 128,
+    embedding_dim: int | None = 128,
     weights: str | None = None,
     trainable_layers: int | None = None,
 ) -> keras.Model:
     """The embedding network: uint8 `(image_size, image_size, 3)` in, L2-normalised `(embedding_dim,)` out.
+
+    `embedding_dim` None leaves out the projection: the backbone's pooled features, L2-normalised, are the
+    embedding (how a pretrained ImageNet backbone is used untrained, e.g. by `export` without a model).
 
     `image_size` defaults to the backbone's own (small_cnn 64, mobilenet_v2 and efficientnet_b0 224,
     inception 299). `weights` is "imagenet" (downloaded by Keras, cached in ~/.keras/models), None / "none"
@@ -67,7 +70,7 @@ def build_embedding(
     image_size = image_size or spec.image_size
     if image_size < 8:
         raise SiameseError(f"Expected --image-size >= 8. Received: {image_size}")
-    if embedding_dim < 1:
+    if embedding_dim is not None and embedding_dim < 1:
         raise SiameseError(f"Expected --embedding-dim >= 1. Received: {embedding_dim}")
     weights = None if weights in (None, "none") else weights
     if weights not in (None, "imagenet") and not Path(weights).is_file():
@@ -82,7 +85,9 @@ def build_embedding(
     else:
         base = _application(spec, image_size, weights)
         pooled = base(x)
-    x = keras.layers.Dense(embedding_dim, dtype="float32", name="projection")(pooled)
+    x = pooled
+    if embedding_dim is not None:
+        x = keras.layers.Dense(embedding_dim, dtype="float32", name="projection")(x)
     outputs = keras.layers.UnitNormalization(dtype="float32", name="l2_normalize")(x)
     model = keras.Model(inputs, outputs, name=f"embedding_{backbone}")
     if spec.application is None:
