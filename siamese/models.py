@@ -6,10 +6,13 @@ the way its backbone expects, so training, export, index and query cannot disagr
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from siamese.config import Backbone, get_backbone
 from siamese.errors import SiameseError
@@ -140,3 +143,16 @@ def load_embedding(path: str | os.PathLike) -> keras.Model:
             f"Received: inputs {[(t.shape, t.dtype) for t in model.inputs]}"
         )
     return model
+
+
+def model_fingerprint(model: keras.Model) -> str:
+    """SHA-256 of a model's input and output shapes and every weight, in order: same weights, same hash.
+
+    Indexes record it, so that a query embedded by a different model is refused instead of answered wrongly.
+    """
+    digest = hashlib.sha256(json.dumps([list(model.input_shape), list(model.output_shape)]).encode())
+    for weight in model.weights:
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+        digest.update(f"{weight.path}:{value.dtype}:{value.shape}".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
