@@ -11,14 +11,17 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from siamese import __version__
-from siamese.config import BACKBONES, CACHES, LOSSES, TrainConfig
+from siamese.config import BACKBONES, CACHES, LOSSES, PRETRAINED_BACKBONE, TrainConfig
 from siamese.errors import SiameseError, plural
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors."""
+    """argparse with one-line errors; `commands` holds the names of its sub-commands."""
+
+    commands: frozenset[str] = frozenset()
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -33,10 +36,43 @@ def _add_catalog_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keras-model", metavar="M",
+                   help="embedding network written by train (.keras, .h5 or .hdf5); without it, a pretrained "
+                   "--backbone embeds the images")
+    p.add_argument("--backbone", default=PRETRAINED_BACKBONE, choices=[b for b in BACKBONES if b != "small_cnn"],
+                   help=f"without --keras-model: the ImageNet backbone whose pooled features are the embedding "
+                   f"(default {PRETRAINED_BACKBONE})")
+    p.add_argument("--weights", default="imagenet",
+                   help="without --keras-model: imagenet (downloaded once by Keras), none, or a weights file")
+    p.add_argument("--image-size", type=int, default=None, help="without --keras-model: input pixels "
+                   "(default: the backbone's own)")
+
+
+SEED_EXPORTS = {"savedmodel": "export", "balltree": "index"}
+"""The seed's `--export WHAT` spelling, and the command each one is."""
+
+
+def _seed_syntax(argv: list[str], parser: _Parser) -> list[str]:
+    """Rewrite the seed's `--export savedmodel ...` / `--export balltree ...` as `export ...` / `index ...`."""
+    if argv and argv[0] in parser.commands:
+        return argv
+    for n, arg in enumerate(argv):
+        if arg == "--export" or arg.startswith("--export="):
+            what = arg.partition("=")[2] if "=" in arg else (argv[n + 1] if n + 1 < len(argv) else "")
+            rest = argv[:n] + argv[n + (1 if "=" in arg else 2) :]
+            if what not in SEED_EXPORTS:
+                parser.error(f"Expected --export {' or '.join(SEED_EXPORTS)}. Received: --export {what!r}")
+            return [SEED_EXPORTS[what], *rest]
+    return argv
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="utilities.py",
         description="siamese: train siamese CNNs for image similarity, export them, index and query a catalog.",
+        epilog="The seed's spellings work too: `--export savedmodel ...` is `export ...`, `--export balltree ...` "
+        "is `index ...`.",
     )
     parser.add_argument("--version", action="version", version=f"siamese {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -93,6 +129,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_train)
 
     p = commands.add_parser(
+        "export", help="write the embedding network as a TensorFlow SavedModel (seed: --export savedmodel)",
+        description="Export the embedding network as a TensorFlow SavedModel in a new numbered version folder "
+        "(OUTPUT/1, OUTPUT/2...), as TF Serving expects. serving_default takes a batch of encoded image bytes "
+        "(JPEG, PNG, GIF, BMP) and returns embeddings; serve_pixels takes uint8 pixels. Without --keras-model, "
+        "a pretrained ImageNet backbone is exported.",
+    )
+    _add_model_args(p)
+    p.add_argument("--output", default="exports/savedmodel", metavar="DIR",
+                   help="folder of versions (default exports/savedmodel)")
+    p.add_argument("--version", type=int, default=None, metavar="N",
+                   help="version number (default: one more than the latest in --output)")
+    p.set_defaults(run=_export)
+
+    p = commands.add_parser(
+        "index", help="embed every image of a catalog and build a nearest-neighbour index (seed: --export balltree)",
+        description="Embed every image of a labeled catalog (batched, from the files) and save a nearest-neighbour "
+        "index with each row's item id, filename and labels: embeddings as .npy, metadata as JSON, never a "
+        "pickle. Without --keras-model, a pretrained ImageNet backbone embeds the images.",
+    )
+    _add_catalog_args(p)
+    _add_model_args(p)
+    p.add_argument("--output", default="exports/index", metavar="DIR", help="index folder (default exports/index)")
+    p.add_argument("--index", default="balltree", choices=("balltree", "brute"),
+                   help="balltree (scikit-learn, the default) or brute (exact BLAS search, faster at 128-d)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    p.add_argument("--leaf-size", type=int, default=40, help="BallTree leaf size (default 40)")
+    p.set_defaults(run=_index)
+
+    p = commands.add_parser(
+        "query", help="find the images of an index nearest to each query image",
+        description="Print, for each image, its k nearest images in the index with item id, filename and cosine "
+        "similarity. The index's own model embeds the queries.",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="query image files")
+    p.add_argument("--index", required=True, metavar="DIR", help="index folder written by `index`")
+    p.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
+    p.add_argument("--by-item", action="store_true", help="the best image of each of k items instead of k images")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--keras-model", metavar="M",
+                   help="embed the queries with this model (default: the one the index records); it must be the "
+                   "model that built the index")
+    p.set_defaults(run=_query)
+
+    p = commands.add_parser(
+        "similarity", help="for every image of a folder, its similarity to every other (the ImageSim job)",
+        description="Write OUT/<stem>.json for every image of --image-dir (JPEG, PNG, WebP, GIF, BMP; any size): "
+        "[{\"similarity\": 1.0, \"filename\": stem}, ...], itself first, then most similar first; similarity "
+        "is the cosine of the embeddings rounded to 4 decimals. Unreadable images are skipped with a warning.",
+    )
+    p.add_argument("--image-dir", required=True, metavar="D", help="folder of images (sub-folders are not read)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--top-k", type=int, default=None, metavar="N", help="keep the N most similar (default: all)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_model_args(p)
+    p.set_defaults(run=_similarity)
+
+    p = commands.add_parser(
         "make-dataset", help="write a real catalog (Fashion-MNIST or digits) as images + labeled JSON",
         description="Write a dataset that needs no download as PNG files and labeled JSON: "
         "OUT/train.json, OUT/test.json and OUT/images/. Item = class.",
@@ -103,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, metavar="N", help="keep the first N images of each split")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(run=_make_dataset)
+    parser.commands = frozenset(commands.choices)
     return parser
 
 
@@ -151,6 +246,81 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embedder(args: argparse.Namespace):
+    from siamese.embed import load_embedder
+
+    return load_embedder(args.keras_model, args.backbone, args.weights, args.image_size)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from siamese.export import export_savedmodel
+
+    model, info = _embedder(args)
+    path = export_savedmodel(model, args.output, args.version, info=info.to_dict())
+    print(f"SavedModel of {info.source} ({info.image_size} px in, {info.embedding_dim}-d out): {path}")
+    print("Signatures: serving_default (encoded image bytes), serve_pixels (uint8 pixels)")
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    from siamese.catalog import load_catalog
+    from siamese.embed import embed_catalog
+    from siamese.images import check_images
+    from siamese.index import Index
+
+    if args.batch_size < 1:
+        raise SiameseError(f"Expected --batch-size >= 1. Received: {args.batch_size}")
+    progress = not args.no_progress
+    catalog = check_images(load_catalog(args.labeled_data, args.image_dir), args.on_bad_image, progress=progress)
+    model, info = _embedder(args)
+    embeddings = embed_catalog(model, catalog, args.batch_size, progress=progress)
+    weights = args.weights if args.weights in ("imagenet", "none") else str(Path(args.weights).resolve())
+    embedder = ({"keras_model": info.source} if args.keras_model else
+                {"backbone": args.backbone, "weights": weights, "image_size": args.image_size})
+    index = Index.from_catalog(
+        catalog, embeddings, backend=args.index, leaf_size=args.leaf_size, model=info.to_dict(), embedder=embedder,
+        source={"labeled_data": str(Path(args.labeled_data).resolve()), "image_dir": str(catalog.image_dir.resolve()),
+                 "sha256": catalog.digest()},
+    )
+    out = index.save(args.output)
+    print(f"Indexed {plural(len(index), 'image')} of {plural(len(catalog), 'item')} ({index.dim}-d, {args.index}) "
+          f"embedded by {info.source}: {out}")
+    print(f"Next: python utilities.py query --index {out} IMAGE...")
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    import json
+
+    from siamese.embed import load_embedder
+    from siamese.index import Index
+
+    index = Index.load(args.index)
+    if args.keras_model:
+        index.check_model(*load_embedder(args.keras_model))
+    results = index.query(args.images, args.k, args.by_item)
+    if args.json:
+        print(json.dumps([{"query": q, "neighbours": [m.to_dict() for m in r]}
+                          for q, r in zip(args.images, results, strict=True)], indent=2, ensure_ascii=False))
+        return 0
+    for query, matches in zip(args.images, results, strict=True):
+        print(query)
+        for rank, m in enumerate(matches, 1):
+            print(f"  {rank:>3}  {m.similarity:.4f}  {m.item}  {m.filename}")
+    return 0
+
+
+def _similarity(args: argparse.Namespace) -> int:
+    from siamese.similarity import folder_similarity
+
+    model, info = _embedder(args)
+    result = folder_similarity(model, args.image_dir, args.out, args.top_k, args.batch_size,
+                               settings={"model": info.to_dict()}, progress=not args.no_progress)
+    skipped = f" (skipped {plural(len(result.skipped), 'unreadable image')})" if result.skipped else ""
+    print(f"Wrote {plural(len(result.written), 'similarity file')} to {result.out}{skipped}")
+    return 0
+
+
 def _make_dataset(args: argparse.Namespace) -> int:
     from siamese.datasets import make_dataset
 
@@ -162,15 +332,39 @@ def _make_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its C++ start-up chatter (oneDNN, CUDA probing) hidden.
+
+    TF 2.21 logs it through absl before logging is set up, which TF_CPP_MIN_LOG_LEVEL no longer silences, so
+    stderr is pointed at /dev/null for the import only. Python errors still surface; set
+    TF_CPP_MIN_LOG_LEVEL yourself (e.g. 0) to see everything.
+    """
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        import keras  # noqa: F401
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with `argv` (default `sys.argv[1:]`); return the exit status."""
-    # TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) is not for users; real failures still raise.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_seed_syntax(list(sys.argv[1:] if argv is None else argv), parser))
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    if args.command not in ("validate", "make-dataset"):
+        _import_tensorflow_quietly()
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
         try:

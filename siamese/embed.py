@@ -1,0 +1,85 @@
+"""Embedding images with a model: a trained checkpoint, or a pretrained ImageNet backbone when there is none.
+
+Every command that embeds (export, index, query, similarity, evaluate) gets its model from `load_embedder`
+and its pixels from `siamese.images.decode_image`, so they cannot disagree about preprocessing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from siamese.catalog import Catalog
+from siamese.config import PRETRAINED_BACKBONE
+from siamese.images import ImageDecodeError, ImageSource, decode_image
+from siamese.models import build_embedding, load_embedding, model_fingerprint
+from siamese.pipeline import Cache, image_dataset
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Where an embedding network came from and what it computes; indexes and exports record it."""
+
+    source: str
+    fingerprint: str
+    image_size: int
+    embedding_dim: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def describe(model: keras.Model, source: str) -> ModelInfo:
+    """The `ModelInfo` of `model`, loaded from `source` (a path, or a pretrained backbone's description)."""
+    return ModelInfo(source, model_fingerprint(model), int(model.input_shape[1]), int(model.output_shape[-1]))
+
+
+def load_embedder(
+    keras_model: str | os.PathLike | None = None,
+    backbone: str = PRETRAINED_BACKBONE,
+    weights: str | None = "imagenet",
+    image_size: int | None = None,
+) -> tuple[keras.Model, ModelInfo]:
+    """The embedding network of `keras_model` (a checkpoint written by `train`), or without one a pretrained
+    `backbone` (default inception_v3) with `weights` (default imagenet; none or a file) whose L2-normalised
+    pooled features are the embedding. `image_size` applies to the backbone only (default: its own)."""
+    if keras_model is not None:
+        model = load_embedding(keras_model)
+        return model, describe(model, str(Path(keras_model).resolve()))
+    model = build_embedding(backbone, image_size, None, weights)
+    return model, describe(model, f"pretrained {backbone} (weights {weights or 'none'})")
+
+
+def embed_catalog(
+    model: keras.Model, catalog: Catalog, batch_size: int = 64, cache: Cache = "none", workers: int | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Embeddings `(images, dim)` float32 of every image of `catalog`, in `catalog.filenames` order.
+
+    Images stream from the files in batches of `batch_size` (default 64) through `tf.data`, decoded by
+    `workers` processes (default: every usable CPU), so a catalog never has to fit in memory.
+    """
+    dataset = image_dataset(catalog, int(model.input_shape[1]), batch_size, cache, workers)
+    embeddings = model.predict(dataset, verbose=1 if progress else 0)
+    return np.asarray(embeddings, np.float32).reshape(len(catalog.filenames), -1)
+
+
+def embed_images(model: keras.Model, sources: Sequence[ImageSource], batch_size: int = 64) -> np.ndarray:
+    """Embeddings `(len(sources), dim)` float32 of image files or encoded bytes (decoded by `decode_image`)."""
+    size = int(model.input_shape[1])
+    out = [np.empty((0, int(model.output_shape[-1])), np.float32)]
+    for start in range(0, len(sources), batch_size):
+        pixels = []
+        for n, source in enumerate(sources[start : start + batch_size], start):
+            try:
+                pixels.append(decode_image(source, size))
+            except ImageDecodeError as e:
+                name = source if isinstance(source, str | os.PathLike) else f"image {n} (bytes)"
+                raise ImageDecodeError(f"{name}: {e}. Fix: pass a readable image file") from None
+        out.append(np.asarray(model.predict_on_batch(np.stack(pixels)), np.float32))
+    return np.concatenate(out)
