@@ -47,10 +47,13 @@ def load_embedder(
 ) -> tuple[keras.Model, ModelInfo]:
     """The embedding network of `keras_model` (a checkpoint written by `train`), or without one a pretrained
     `backbone` (default inception_v3) with `weights` (default imagenet; none or a file) whose L2-normalised
-    pooled features are the embedding. `image_size` applies to the backbone only (default: its own)."""
+    pooled features are the embedding. `image_size` applies to the backbone only (default: its own).
+    Random weights (`weights` none) are drawn from seed 0, so the same arguments give the same model."""
     if keras_model is not None:
         model = load_embedding(keras_model)
         return model, describe(model, str(Path(keras_model).resolve()))
+    if weights in (None, "none"):
+        keras.utils.set_random_seed(0)
     model = build_embedding(backbone, image_size, None, weights)
     return model, describe(model, f"pretrained {backbone} (weights {weights or 'none'})")
 
