@@ -7,6 +7,7 @@ cache folder, reused by later runs while the files are unchanged) and batches ar
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -71,6 +72,16 @@ def decoded_images(
     return np.load(path, mmap_mode="r")
 
 
+@functools.cache
+def _decoder_pool(workers: int) -> ProcessPoolExecutor:
+    """One pool of image-decoding processes per size, started once and shared by every dataset.
+
+    forkserver: forking a process that runs TensorFlow's threads is unsafe. The workers import only
+    `siamese.images` (plus the main script, as every spawned Python process does).
+    """
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+
+
 def _batch_loader(
     catalog: Catalog, image_size: int, cache: Cache, images: np.ndarray | None = None, workers: int | None = None
 ):
@@ -85,8 +96,7 @@ def _batch_loader(
         workers = workers or usable_cpus()
         if workers == 1:
             return lambda indices: decode_images(list(paths[indices]), image_size)
-        # forkserver: forking a process that runs TensorFlow's threads is unsafe
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+        pool = _decoder_pool(workers)
 
         def load(indices: np.ndarray) -> np.ndarray:
             chunks = [list(paths[c]) for c in np.array_split(indices, workers) if len(c)]
