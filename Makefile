@@ -12,7 +12,7 @@ help:
 	@echo "make install   virtualenv in $(VENV) with requirements.txt and the siamese package"
 	@echo "make test      the test suite (what CI runs)"
 	@echo "make lint      ruff"
-	@echo "make bench     input pipeline benchmark on Fashion-MNIST (figures in README.md)"
+	@echo "make bench     input pipeline, index and embedding benchmarks (figures in README.md; about 6 minutes)"
 	@echo "make bench-train  train small_cnn on Fashion-MNIST, precision@1 and speed (about 20 minutes)"
 
 $(STAMP): requirements.txt pyproject.toml
@@ -32,6 +32,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/input_pipeline.py
+	$(BIN)/python benchmarks/index.py
+	$(BIN)/python benchmarks/embed.py
 
 bench-train: $(STAMP)
 	$(BIN)/python benchmarks/train_fashion_mnist.py
