@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--output", default="exports/savedmodel", metavar="DIR",
                    help="folder of versions (default exports/savedmodel)")
-    p.add_argument("--version", type=int, default=None, metavar="N",
-                   help="version number (default: one more than the latest in --output)")
+    p.add_argument("--model-version", type=int, default=None, metavar="N",
+                   help="version folder number (default: one more than the latest in --output)")
     p.set_defaults(run=_export)
 
     p = commands.add_parser(
@@ -256,7 +256,7 @@ def _export(args: argparse.Namespace) -> int:
     from siamese.export import export_savedmodel
 
     model, info = _embedder(args)
-    path = export_savedmodel(model, args.output, args.version, info=info.to_dict())
+    path = export_savedmodel(model, args.output, args.model_version, info=info.to_dict())
     print(f"SavedModel of {info.source} ({info.image_size} px in, {info.embedding_dim}-d out): {path}")
     print("Signatures: serving_default (encoded image bytes), serve_pixels (uint8 pixels)")
     return 0
