@@ -187,6 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_similarity)
 
     p = commands.add_parser(
+        "evaluate", help="how well a model finds the right item, against the untrained baseline",
+        description="Embed every image of a labeled catalog and report leave-one-out retrieval among its items "
+        "(precision@1, R-precision, MAP@R as in pytorch-metric-learning, recall@k: a same-item image among the "
+        "k nearest), for the model and for the network it was trained from (untrained baseline), plus the "
+        "distance threshold for 'same item?' with the best F1 on pairs drawn from the catalog.",
+    )
+    _add_catalog_args(p)
+    _add_model_args(p)
+    p.add_argument("--k", type=int, nargs="+", default=[1, 5, 10], metavar="K", help="recall@k for these k "
+                   "(default 1 5 10)")
+    p.add_argument("--pairs", type=int, default=4096, help="pairs for the threshold, half same-item (default 4096)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the threshold pairs (default 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the untrained baseline")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=_evaluate)
+
+    p = commands.add_parser(
         "make-dataset", help="write a real catalog (Fashion-MNIST or digits) as images + labeled JSON",
         description="Write a dataset that needs no download as PNG files and labeled JSON: "
         "OUT/train.json, OUT/test.json and OUT/images/. Item = class.",
@@ -318,6 +336,44 @@ def _similarity(args: argparse.Namespace) -> int:
                                settings={"model": info.to_dict()}, progress=not args.no_progress)
     skipped = f" (skipped {plural(len(result.skipped), 'unreadable image')})" if result.skipped else ""
     print(f"Wrote {plural(len(result.written), 'similarity file')} to {result.out}{skipped}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from siamese.catalog import load_catalog
+    from siamese.embed import embed_catalog, untrained_like
+    from siamese.evaluate import evaluate_embeddings
+    from siamese.images import check_images
+
+    progress = not args.no_progress
+    catalog = check_images(load_catalog(args.labeled_data, args.image_dir), args.on_bad_image, progress=progress)
+    models = [_embedder(args)]
+    if args.keras_model and not args.no_baseline:
+        try:
+            models.append(untrained_like(args.keras_model))
+        except SiameseError as e:
+            warnings.warn(f"no untrained baseline: {e}", UserWarning, stacklevel=1)
+    results = []
+    for model, info in models:
+        embeddings = embed_catalog(model, catalog, args.batch_size, progress=progress)
+        results.append((info, evaluate_embeddings(embeddings, catalog, args.k, args.pairs, args.seed)))
+    if args.json:
+        print(json.dumps([{"model": info.to_dict(), **e.to_dict()} for info, e in results], indent=2))
+        return 0
+    print(f"Retrieval among {plural(len(catalog), 'item')} ({results[0][1].metrics['queries']:,} query images, "
+          "leave-one-out):")
+    names = [k for k in results[0][1].metrics if k != "queries"]
+    titles = {"precision_at_1": "precision@1", "r_precision": "R-precision", "map_at_r": "MAP@R"}
+    width = min(60, max(len(info.source) for info, _ in results))
+    print(f"  {'model':<{width}}" + "".join(f"{titles.get(n, n.replace('_at_', '@')):>13}" for n in names))
+    for info, e in results:
+        print(f"  {info.source[-width:]:<{width}}" + "".join(f"{e.metrics[n]:>13.4f}" for n in names))
+    t = results[0][1].threshold
+    print(f"Same item when distance <= {t.distance:.4f} (cosine >= {1 - t.distance**2 / 2:.4f}): precision "
+          f"{t.precision:.4f}, recall {t.recall:.4f}, F1 {t.f1:.4f} on {t.positives + t.negatives:,} pairs "
+          f"({t.positives:,} same-item), calibrated on this catalog")
     return 0
 
 

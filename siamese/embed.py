@@ -6,6 +6,7 @@ and its pixels from `siamese.images.decode_image`, so they cannot disagree about
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -56,6 +57,25 @@ def load_embedder(
         keras.utils.set_random_seed(0)
     model = build_embedding(backbone, image_size, None, weights)
     return model, describe(model, f"pretrained {backbone} (weights {weights or 'none'})")
+
+
+def untrained_like(keras_model: str | os.PathLike) -> tuple[keras.Model, ModelInfo]:
+    """The network `keras_model` started from before training: rebuilt from the settings `train` wrote beside
+    it (backbone, size, weights, seed), or, without them, the same architecture with fresh random weights."""
+    from siamese.train import sidecar
+
+    settings_path = sidecar(keras_model, "config")
+    if settings_path.is_file():
+        settings = json.loads(settings_path.read_text())
+        keras.utils.set_random_seed(settings["seed"])
+        model = build_embedding(settings["backbone"], settings["image_size"], settings["embedding_dim"],
+                                settings["weights"], settings["trainable_layers"])
+        source = f"untrained {settings['backbone']} (weights {settings['weights']}, seed {settings['seed']})"
+    else:
+        keras.utils.set_random_seed(0)
+        model = keras.models.clone_model(load_embedding(keras_model))
+        source = "untrained copy of the architecture (random weights, seed 0)"
+    return model, describe(model, source)
 
 
 def embed_catalog(

@@ -9,7 +9,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from siamese.catalog import Catalog
 from siamese.errors import SiameseError, plural
+from siamese.pairs import PairSampler
 
 
 def nearest(queries: np.ndarray, gallery: np.ndarray, exclude_self: bool = False, chunk: int = 2048) -> np.ndarray:
@@ -217,3 +219,27 @@ def calibrate_threshold(distances: np.ndarray, same: np.ndarray) -> Threshold:
         positives=positives,
         negatives=negatives,
     )
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How well embeddings find the right item: `metrics` of `retrieval_metrics`, the calibrated
+    `threshold`, and the pair `distances` with their `same` labels it was calibrated on (for plots)."""
+
+    metrics: dict[str, float]
+    threshold: Threshold
+    distances: np.ndarray
+    same: np.ndarray
+
+    def to_dict(self) -> dict:
+        return {"metrics": self.metrics, "threshold": self.threshold.to_dict()}
+
+
+def evaluate_embeddings(embeddings: np.ndarray, catalog: Catalog, ks: Sequence[int] = (1, 5, 10),
+                        pairs: int = 4096, seed: int = 0) -> Evaluation:
+    """Retrieval among `catalog`'s items (leave-one-out, `embeddings` in `catalog.filenames` order) and a
+    "same item?" threshold calibrated on `pairs` (default 4,096) pairs drawn by `PairSampler` with `seed`."""
+    metrics = retrieval_metrics(embeddings, catalog.image_item, ks)
+    drawn = PairSampler(catalog, seed=seed).pairs(0, pairs)
+    distances = pair_distances(embeddings, drawn.first, drawn.second)
+    return Evaluation(metrics, calibrate_threshold(distances, drawn.same), distances, drawn.same)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from siamese.catalog import load_catalog
-from siamese.embed import embed_images
+from siamese.embed import describe, embed_images
 from siamese.index import Index
 from siamese.models import build_embedding
 from tests.conftest import solid_catalog, write_image
@@ -124,3 +124,40 @@ def test_similarity_command_like_imagesim(workdir, run_cli):
     entries = json.loads((workdir / "imagesim_out" / "cabin0.json").read_text())
     assert entries[0] == {"similarity": 1.0, "filename": "cabin0"}
     assert {e["filename"] for e in entries} == {"cabin0", "cabin1", "modern0", "modern1"}
+
+
+def test_evaluate_reports_the_model_and_its_untrained_baseline(workdir, run_cli):
+    args = ("evaluate", "--keras-model", "checkpoints/file_saved_by_notebook.hdf5", "--labeled-data",
+            "data/labeled.json", "--image-dir", "data", "--no-progress", "--k", "1", "2", "--pairs", "64")
+    code, out, err = run_cli(*args, "--json")
+    assert code == 0, err
+    model_report, baseline = json.loads(out)
+    assert model_report["model"]["source"].endswith("file_saved_by_notebook.hdf5")
+    assert baseline["model"]["source"] == "untrained copy of the architecture (random weights, seed 0)"
+    assert baseline["model"]["fingerprint"] != model_report["model"]["fingerprint"]
+
+    from siamese.evaluate import retrieval_metrics
+
+    catalog = load_catalog(workdir / "data" / "labeled.json", workdir / "data")
+    model = keras.saving.load_model(workdir / "checkpoints" / "file_saved_by_notebook.hdf5")
+    want = retrieval_metrics(embed_images(model, list(catalog.paths)), catalog.image_item, (1, 2))
+    assert model_report["metrics"] == pytest.approx(want)
+    assert set(model_report["threshold"]) >= {"distance", "precision", "recall", "f1"}
+
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    assert "precision@1  R-precision        MAP@R     recall@1     recall@2" in out
+    assert "untrained copy of the architecture" in out and "Same item when distance <=" in out
+
+
+def test_the_baseline_is_rebuilt_from_the_training_settings(workdir):
+    from siamese.config import TrainConfig
+    from siamese.embed import untrained_like
+
+    settings = TrainConfig("x.json", "x", image_size=16, embedding_dim=8, seed=3).resolved().to_dict()
+    (workdir / "checkpoints" / "file_saved_by_notebook.config.json").write_text(json.dumps(settings))
+    _, info = untrained_like(workdir / "checkpoints" / "file_saved_by_notebook.hdf5")
+    assert info.source == "untrained small_cnn (weights none, seed 3)"
+    assert (info.image_size, info.embedding_dim) == (16, 8)
+    keras.utils.set_random_seed(3)
+    assert info.fingerprint == describe(build_embedding("small_cnn", 16, 8), "").fingerprint
