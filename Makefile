@@ -6,7 +6,23 @@ BIN := $(VENV)/bin
 # The virtualenv is (re)built when it is missing or older than requirements.txt.
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test lint bench bench-train
+# Docker: the repo is mounted at /app and DATA (default: your home folder, as in the seed) at /data.
+DATA ?= $(HOME)
+DOCKER ?= docker
+IMAGE ?= siamese
+PORT ?= 8888
+# Jupyter always asks for a token: yours, or a fresh random one printed with the address.
+ifeq ($(strip $(JUPYTER_TOKEN)),)
+JUPYTER_TOKEN := $(shell $(PYTHON) -c 'import secrets; print(secrets.token_hex(24))')
+endif
+# Run as you, so files written under /app and /data are yours; Keras's weights cache and siamese's cache
+# are your own, mounted.
+DOCKER_RUN = $(DOCKER) run --rm -it --user $$(id -u):$$(id -g) -e HOME=/tmp \
+	-v "$(CURDIR)":/app -v "$(abspath $(DATA))":/data \
+	-v "$(HOME)/.keras":/tmp/.keras -v "$(HOME)/.cache/siamese":/tmp/.cache/siamese -w /app
+
+.PHONY: help install test lint bench bench-train docker-build docker-build-cpu docker-build-gpu notebook \
+	notebook-local bash-cpu bash-gpu
 
 help:
 	@echo "make install   virtualenv in $(VENV) with requirements.txt and the siamese package"
@@ -14,6 +30,10 @@ help:
 	@echo "make lint      ruff"
 	@echo "make bench     input pipeline, index and embedding benchmarks (figures in README.md; about 6 minutes)"
 	@echo "make bench-train  train small_cnn on Fashion-MNIST, precision@1 and speed (about 20 minutes)"
+	@echo "make notebook-local  Jupyter from the virtualenv"
+	@echo "make docker-build    build the GPU and CPU images ($(IMAGE):gpu, $(IMAGE):cpu)"
+	@echo "DATA=/path make notebook  Jupyter in the GPU image, all GPUs, /path at /data, on 127.0.0.1:$(PORT)"
+	@echo "DATA=/path make bash-gpu  a shell in the GPU image (make bash-cpu: the CPU image)"
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,3 +57,29 @@ bench: $(STAMP)
 
 bench-train: $(STAMP)
 	$(BIN)/python benchmarks/train_fashion_mnist.py
+
+notebook-local: $(STAMP)
+	$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(PORT) --no-browser --notebook-dir=notebooks \
+		--IdentityProvider.token=$(JUPYTER_TOKEN)
+
+docker-build: docker-build-gpu docker-build-cpu
+
+docker-build-gpu:
+	$(DOCKER) build -f docker/Dockerfile.gpu -t $(IMAGE):gpu .
+
+docker-build-cpu:
+	$(DOCKER) build -f docker/Dockerfile.cpu -t $(IMAGE):cpu .
+
+notebook: docker-build-gpu
+	@mkdir -p "$(HOME)/.keras" "$(HOME)/.cache/siamese"
+	@echo "Jupyter: http://127.0.0.1:$(PORT)/lab?token=$(JUPYTER_TOKEN)"
+	$(DOCKER_RUN) --gpus all -p 127.0.0.1:$(PORT):8888 -e JUPYTER_TOKEN=$(JUPYTER_TOKEN) $(IMAGE):gpu \
+		jupyter lab --ip=0.0.0.0 --port=8888 --no-browser --notebook-dir=/app
+
+bash-gpu: docker-build-gpu
+	@mkdir -p "$(HOME)/.keras" "$(HOME)/.cache/siamese"
+	$(DOCKER_RUN) --gpus all $(IMAGE):gpu bash
+
+bash-cpu: docker-build-cpu
+	@mkdir -p "$(HOME)/.keras" "$(HOME)/.cache/siamese"
+	$(DOCKER_RUN) $(IMAGE):cpu bash
