@@ -282,24 +282,19 @@ def _export(args: argparse.Namespace) -> int:
 
 def _index(args: argparse.Namespace) -> int:
     from siamese.catalog import load_catalog
-    from siamese.embed import embed_catalog
+    from siamese.embed import index_catalog
     from siamese.images import check_images
-    from siamese.index import Index
 
     if args.batch_size < 1:
         raise SiameseError(f"Expected --batch-size >= 1. Received: {args.batch_size}")
     progress = not args.no_progress
     catalog = check_images(load_catalog(args.labeled_data, args.image_dir), args.on_bad_image, progress=progress)
     model, info = _embedder(args)
-    embeddings = embed_catalog(model, catalog, args.batch_size, progress=progress)
     weights = args.weights if args.weights in ("imagenet", "none") else str(Path(args.weights).resolve())
     embedder = ({"keras_model": info.source} if args.keras_model else
                 {"backbone": args.backbone, "weights": weights, "image_size": args.image_size})
-    index = Index.from_catalog(
-        catalog, embeddings, backend=args.index, leaf_size=args.leaf_size, model=info.to_dict(), embedder=embedder,
-        source={"labeled_data": str(Path(args.labeled_data).resolve()), "image_dir": str(catalog.image_dir.resolve()),
-                 "sha256": catalog.digest()},
-    )
+    index = index_catalog(model, info, catalog, args.index, args.leaf_size, args.batch_size, embedder,
+                          args.labeled_data, progress)
     out = index.save(args.output)
     print(f"Indexed {plural(len(index), 'image')} of {plural(len(catalog), 'item')} ({index.dim}-d, {args.index}) "
           f"embedded by {info.source}: {out}")

@@ -18,6 +18,7 @@ import numpy as np
 from siamese.catalog import Catalog
 from siamese.config import PRETRAINED_BACKBONE
 from siamese.images import ImageDecodeError, ImageSource, decode_image
+from siamese.index import Index
 from siamese.models import build_embedding, load_embedding, model_fingerprint
 from siamese.pipeline import Cache, image_dataset
 
@@ -106,3 +107,19 @@ def embed_images(model: keras.Model, sources: Sequence[ImageSource], batch_size:
                 raise ImageDecodeError(f"{name}: {e}. Fix: pass a readable image file") from None
         out.append(np.asarray(model.predict_on_batch(np.stack(pixels)), np.float32))
     return np.concatenate(out)
+
+
+def index_catalog(
+    model: keras.Model, info: ModelInfo, catalog: Catalog, backend: str = "balltree", leaf_size: int = 40,
+    batch_size: int = 64, embedder: dict | None = None, labeled_data: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Index:
+    """Embed every image of `catalog` with `model` and build an `Index` (default balltree) that records the
+    model (`info`), how to load it again for queries (`embedder`: keyword arguments of `load_embedder`,
+    default none) and the catalog it came from (`labeled_data`, its image folder and hash). What
+    `--export balltree` runs; save it with `.save(DIR)`."""
+    embeddings = embed_catalog(model, catalog, batch_size, progress=progress)
+    source = {"labeled_data": str(Path(labeled_data).resolve()) if labeled_data else None,
+              "image_dir": str(catalog.image_dir.resolve()), "sha256": catalog.digest()}
+    return Index.from_catalog(catalog, embeddings, backend=backend, leaf_size=leaf_size, model=info.to_dict(),
+                              embedder=embedder, source=source)

@@ -1,12 +1,16 @@
-"""Pictures for the notebook: sample images per item and pairs, drawn with matplotlib."""
+"""Pictures for the notebook and the demo, drawn with matplotlib: sample images per item, pairs, training
+curves, pair-distance histograms, nearest-neighbour grids and a 2-D map of the embeddings."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from siamese.catalog import Catalog
+from siamese.evaluate import Evaluation
 from siamese.images import decode_image
 from siamese.pairs import Pairs
 
@@ -60,3 +64,101 @@ def show_pairs(catalog: Catalog, pairs: Pairs, n: int = 8, image_size: int = 96)
               [catalog.items[items[b]].id for b in pairs.second[:n]]]
     colors = [["tab:green" if s else "tab:red" for s in pairs.same[:n]]] * 2
     return image_grid([top, bottom], titles=titles, colors=colors)
+
+
+def plot_history(history: Sequence[dict]):
+    """Training curves from `train`'s history (one dict per epoch): loss and val_loss, and val_precision_at_1."""
+    import matplotlib.pyplot as plt
+
+    epochs = [h.get("epoch", n + 1) for n, h in enumerate(history)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for key, style in (("loss", "-o"), ("val_loss", "--o")):
+        if any(key in h for h in history):
+            left.plot(epochs, [h.get(key, np.nan) for h in history], style, label=key.replace("_", " "))
+    left.set(xlabel="epoch", ylabel="contrastive loss", title="Loss")
+    left.legend()
+    if any("val_precision_at_1" in h for h in history):
+        right.plot(epochs, [h.get("val_precision_at_1", np.nan) for h in history], "-o", color="tab:green")
+    right.set(xlabel="epoch", ylabel="precision@1", title="Held-out items: nearest image is the same item")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    return fig
+
+
+def plot_distances(evaluations: dict[str, Evaluation], bins: int = 50):
+    """Histograms of same-item and different-item pair distances, one panel per named evaluation, with the
+    calibrated threshold: the further apart the two humps, the better the embedding separates items."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(evaluations), figsize=(5 * len(evaluations), 3.5), squeeze=False, sharey=True)
+    for ax, (name, e) in zip(axes[0], evaluations.items(), strict=True):
+        edges = np.linspace(0, max(2.0, float(e.distances.max())), bins + 1)
+        same = e.same.astype(bool)
+        ax.hist(e.distances[same], edges, alpha=0.6, color="tab:green", label="same item")
+        ax.hist(e.distances[~same], edges, alpha=0.6, color="tab:red", label="different items")
+        t = e.threshold
+        ax.axvline(t.distance, color="black", linestyle="--",
+                   label=f"threshold {t.distance:.2f}\nprecision {t.precision:.2f}, recall {t.recall:.2f}")
+        ax.set(xlabel="Euclidean distance of the embeddings", title=name)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("pairs")
+    fig.tight_layout()
+    return fig
+
+
+def show_neighbours(index, queries: Sequence[str | os.PathLike], image_dir: str | os.PathLike | None = None,
+                    query_items: Sequence[str] = (), k: int = 6, image_size: int = 96):
+    """One row per query image: the query, then its `k` nearest images in `index` (`siamese.index.Index`)
+    with their item and cosine similarity, green when the item is the query's and red when not.
+
+    A query that is itself in the index is not shown as its own neighbour. `image_dir` (default: the one the
+    index records) is where the index's filenames are; `query_items` gives the right item of queries that
+    are not in the index (by default found in the index by file).
+    """
+    image_dir = Path(image_dir or index.source.get("image_dir", "."))
+    rows_by_path = {(image_dir / f).resolve(): row for row, f in enumerate(index.filenames)}
+    found = index.query(list(queries), min(k + 1, len(index)))
+    rows, titles, colors, names = [], [], [], []
+    for n, (query, matches) in enumerate(zip(queries, found, strict=True)):
+        own = rows_by_path.get(Path(query).resolve())
+        item = query_items[n] if n < len(query_items) else (index.items[own] if own is not None else None)
+        matches = [m for m in matches if m.row != own][:k]
+        rows.append([decode_image(query, image_size)] + [decode_image(image_dir / m.filename, image_size)
+                                                        for m in matches])
+        titles.append(["query"] + [f"{m.item}\n{m.similarity:.3f}" for m in matches])
+        colors.append(["black"] + ["tab:green" if m.item == item else "tab:red" for m in matches])
+        names.append(str(item) if item is not None else Path(query).name)
+    return image_grid(rows, row_titles=names, titles=titles, colors=colors)
+
+
+def plot_projection(embeddings: np.ndarray, items: Sequence[str], method: str = "pca", seed: int = 0,
+                    max_legend: int = 20):
+    """The embeddings in 2-D, one colour per item: `method` pca (default, fast) or tsne (slower, keeps
+    neighbourhoods). Tight, separate clusters mean the network tells the items apart."""
+    import matplotlib.pyplot as plt
+
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        points = PCA(2, random_state=seed).fit_transform(embeddings)
+    elif method == "tsne":
+        from sklearn.manifold import TSNE
+
+        points = TSNE(2, init="pca", random_state=seed, perplexity=min(30, len(embeddings) - 1)).fit_transform(
+            embeddings)
+    else:
+        raise ValueError(f"Expected method pca or tsne. Received: {method!r}")
+    names, codes = np.unique(np.asarray(items), return_inverse=True)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    cmap = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+    for c, name in enumerate(names):
+        chosen = codes == c
+        ax.scatter(points[chosen, 0], points[chosen, 1], s=8, alpha=0.7, color=cmap(c % cmap.N),
+                   label=name if len(names) <= max_legend else None)
+    if len(names) <= max_legend:
+        ax.legend(markerscale=2, fontsize=8, loc="best")
+    ax.set(title=f"Embeddings in 2-D ({method.upper()}), one colour per item", xticks=[], yticks=[])
+    fig.tight_layout()
+    return fig
