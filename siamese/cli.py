@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from siamese import __version__
-from siamese.config import BACKBONES, CACHES, LOSSES, PRETRAINED_BACKBONE, TrainConfig
+from siamese.config import BACKBONES, CACHES, INDEX_BACKENDS, LOSSES, PRETRAINED_BACKBONE, TrainConfig
 from siamese.errors import SiameseError, plural
 
 
@@ -151,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_catalog_args(p)
     _add_model_args(p)
     p.add_argument("--output", default="exports/index", metavar="DIR", help="index folder (default exports/index)")
-    p.add_argument("--index", default="balltree", choices=("balltree", "brute"),
-                   help="balltree (scikit-learn, the default) or brute (exact BLAS search, faster at 128-d)")
+    p.add_argument("--index", default="balltree", choices=INDEX_BACKENDS,
+                   help="search engine: balltree (scikit-learn, the seed's; default) or brute (exact BLAS search, "
+                   "much faster at 128-d)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     p.add_argument("--leaf-size", type=int, default=40, help="BallTree leaf size (default 40)")
     p.set_defaults(run=_index)

@@ -28,9 +28,10 @@ from sklearn.neighbors import BallTree
 
 from siamese import __version__, atomic
 from siamese.catalog import Catalog
+from siamese.config import INDEX_BACKENDS
 from siamese.errors import SiameseError, plural
 
-BACKENDS = ("balltree", "brute")
+BACKENDS = INDEX_BACKENDS
 FORMAT = "siamese-index"
 FORMAT_VERSION = 1
 NORM_TOLERANCE = 1e-3
