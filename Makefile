@@ -21,10 +21,11 @@ DOCKER_RUN = $(DOCKER) run --rm -it --user $$(id -u):$$(id -g) -e HOME=/tmp \
 	-v "$(CURDIR)":/app -v "$(abspath $(DATA))":/data \
 	-v "$(HOME)/.keras":/tmp/.keras -v "$(HOME)/.cache/siamese":/tmp/.cache/siamese -w /app
 
-.PHONY: help install test lint bench bench-train docker-build docker-build-cpu docker-build-gpu notebook \
+.PHONY: help install demo test lint bench bench-train docker-build docker-build-cpu docker-build-gpu notebook \
 	notebook-local bash-cpu bash-gpu
 
 help:
+	@echo "make demo      the whole job on real data with no download, into demo/ (under 15 minutes on 2 cores)"
 	@echo "make install   virtualenv in $(VENV) with requirements.txt and the siamese package"
 	@echo "make test      the test suite (what CI runs)"
 	@echo "make lint      ruff"
@@ -43,6 +44,9 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $@
 
 install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python utilities.py demo --out demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

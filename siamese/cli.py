@@ -216,6 +216,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, metavar="N", help="keep the first N images of each split")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(run=_make_dataset)
+
+    from siamese.demo import DemoConfig
+
+    d = DemoConfig
+    p = commands.add_parser(
+        "demo", help="the whole job end to end on real data with no download (what make demo runs)",
+        description="Make a catalog (Fashion-MNIST when it is here or downloadable, else scikit-learn digits), "
+        "validate it, train on the CPU, evaluate against the untrained baseline, export the SavedModel, index "
+        "the training images, query them with test images (query_results.png), run the folder similarity job on "
+        "a handful of images, and print where everything went. Clears a previous demo in --out.",
+    )
+    p.add_argument("--out", default=d.out, metavar="DIR", help=f"everything goes here (default {d.out})")
+    p.add_argument("--source", default=d.source, choices=("auto", "fashion-mnist", "digits"),
+                   help="auto: Fashion-MNIST if it can be had, else digits (default)")
+    p.add_argument("--train-images", type=int, default=d.train_images,
+                   help=f"Fashion-MNIST training images (default {d.train_images:,})")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
+    p.add_argument("--pairs-per-epoch", type=int, default=d.pairs_per_epoch, help=f"default {d.pairs_per_epoch}")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(run=_demo)
     parser.commands = frozenset(commands.choices)
     return parser
 
@@ -373,6 +394,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from siamese.demo import DemoConfig, run_demo
+
+    fields = set(DemoConfig.__dataclass_fields__)
+    run_demo(DemoConfig(**{k: v for k, v in vars(args).items() if k in fields}), progress=not args.no_progress)
+    return 0
+
+
 def _make_dataset(args: argparse.Namespace) -> int:
     from siamese.datasets import make_dataset
 
@@ -406,6 +435,7 @@ def _import_tensorflow_quietly() -> None:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+    tf.get_logger().setLevel("ERROR")  # e.g. "triggered tf.function retracing": advice for TF developers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -415,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    if args.command not in ("validate", "make-dataset"):
+    if args.command in ("train", "export", "index", "query", "similarity", "evaluate", "demo"):
         _import_tensorflow_quietly()
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
