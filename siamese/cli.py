@@ -230,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=d.out, metavar="DIR", help=f"everything goes here (default {d.out})")
     p.add_argument("--source", default=d.source, choices=("auto", "fashion-mnist", "digits"),
                    help="auto: Fashion-MNIST if it can be had, else digits (default)")
-    p.add_argument("--train-images", type=int, default=d.train_images,
-                   help=f"Fashion-MNIST training images (default {d.train_images:,})")
+    p.add_argument("--images", type=int, default=d.images,
+                   help=f"Fashion-MNIST images of each split, training and test (default {d.images:,})")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
     p.add_argument("--pairs-per-epoch", type=int, default=d.pairs_per_epoch, help=f"default {d.pairs_per_epoch}")
     p.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import shutil
 import time
 import warnings
@@ -28,8 +27,7 @@ class DemoConfig:
 
     out: str = "demo"
     source: str = "auto"  # fashion-mnist, digits, or auto: Fashion-MNIST if it can be had, else digits
-    train_images: int = 10_000  # Fashion-MNIST training images used (digits has 1,437)
-    test_images: int = 2_000
+    images: int = 10_000  # Fashion-MNIST images used of each split, training and test (digits has 1,437 + 360)
     epochs: int = 6
     pairs_per_epoch: int = 32_768
     batch_size: int = 128
@@ -65,23 +63,12 @@ def _dataset(config: DemoConfig, out: Path, progress: bool) -> tuple[str, dict[s
     source = "fashion-mnist" if config.source == "auto" else config.source
     if source == "fashion-mnist":
         try:
-            written = make_dataset(source, out / "data", limit=config.train_images, progress=progress)
-            _trim(written["test"], config.test_images)
-            return source, written
+            return source, make_dataset(source, out / "data", limit=config.images, progress=progress)
         except (SiameseError, OSError, ValueError) as e:
             if config.source != "auto":
                 raise
             print(f"Fashion-MNIST is not on this machine and could not be downloaded ({e}); using digits.")
     return "digits", make_dataset("digits", out / "data", progress=progress)
-
-
-def _trim(labeled_data: Path, images: int) -> None:
-    """Keep the first `images` images of a make-dataset catalog (its items are classes, so all stay)."""
-    catalog = json.loads(labeled_data.read_text())
-    kept = sorted(f["filename"] for item in catalog.values() for f in item["images"])[:images]
-    keep = set(kept)
-    trimmed = {k: {"images": [f for f in v["images"] if f["filename"] in keep]} for k, v in catalog.items()}
-    atomic.write_json(labeled_data, {k: v for k, v in trimmed.items() if v["images"]})
 
 
 def run_demo(config: DemoConfig, progress: bool = True) -> dict:
