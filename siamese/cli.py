@@ -457,3 +457,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"{parser.prog}: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # e.g. `... | head`: the reader has all it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
