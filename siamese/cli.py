@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "train", help="train a siamese embedding network on a labeled catalog",
-        description="Train an embedding network with the contrastive loss on pairs drawn fresh every epoch. "
+        description="Train an embedding network with the contrastive (or triplet) loss over every pair of images "
+        "in batches of a few images of each of several items, drawn fresh every epoch (--mining pairs: over pairs "
+        "drawn one by one). "
         "Runs the checks of validate first, keeps the best model by validation precision@1 at --out (with "
         ".config.json and .manifest.json beside it), and resumes from the last finished epoch when the same "
         "command is run again after a crash.",
@@ -102,9 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-labeled-data", metavar="F",
                    help="a separate validation catalog (filenames under --image-dir) instead of --val-fraction")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"pairs per batch (default {d.batch_size})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"images per batch with --mining batch-all, pairs (triplets) with --mining pairs "
+                   f"(default {d.batch_size})")
     p.add_argument("--pairs-per-epoch", type=int, default=d.pairs_per_epoch,
-                   help=f"fresh pairs (or triplets) drawn each epoch, half positive (default {d.pairs_per_epoch})")
+                   help=f"images drawn each epoch with --mining batch-all; fresh pairs (triplets), half positive, "
+                   f"with --mining pairs (default {d.pairs_per_epoch})")
+    p.add_argument("--mining", default=d.mining, choices=TrainConfig.MININGS,
+                   help=f"batch-all: batches of P items x --images-per-item images and the loss over every pair "
+                   f"(triplet) in them; pairs: the loss over drawn pairs (triplets) (default {d.mining})")
+    p.add_argument("--images-per-item", type=int, default=d.images_per_item, metavar="K",
+                   help=f"images of each item in a batch-all batch (default {d.images_per_item})")
     p.add_argument("--backbone", default=d.backbone, choices=tuple(BACKBONES), help=f"default {d.backbone}")
     p.add_argument("--weights", default=d.weights,
                    help="imagenet, none or a weights file (default: imagenet for pretrained backbones, none for "
@@ -117,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"contrastive on pairs, or triplet on (anchor, positive, negative) triplets (default {d.loss})")
     p.add_argument("--margin", type=float, default=d.margin, help=f"contrastive margin (default {d.margin})")
     p.add_argument("--learning-rate", type=float, default=d.learning_rate, help=f"Adam (default {d.learning_rate})")
+    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=TrainConfig.LR_SCHEDULES,
+                   help=f"constant, or cosine decay to 0 over the run (default {d.lr_schedule})")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help=f"items held out for validation (default {d.val_fraction})")
     p.add_argument("--val-pairs", type=int, default=d.val_pairs, help=f"validation pairs (default {d.val_pairs})")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from siamese.errors import SiameseError
 
@@ -54,13 +55,18 @@ def get_backbone(name: str) -> Backbone:
 class TrainConfig:
     """Every setting of a training run; written as JSON beside the checkpoint it produces."""
 
+    MININGS: ClassVar[tuple[str, ...]] = ("batch-all", "pairs")
+    """`mining`: the loss over every pair (triplet) of P x K batches of images, or over drawn pairs (triplets)."""
+    LR_SCHEDULES: ClassVar[tuple[str, ...]] = ("constant", "cosine")
+    """`lr_schedule`: Adam's learning rate stays constant, or decays to 0 along a cosine over the run."""
+
     labeled_data: str
     image_dir: str
     out: str = "checkpoints/siamese.keras"
     val_labeled_data: str | None = None  # a separate validation catalog instead of --val-fraction
     epochs: int = 10
-    batch_size: int = 64
-    pairs_per_epoch: int = 8192  # triplets per epoch with loss="triplet"
+    batch_size: int = 64  # pairs (triplets) per batch; images per batch with mining="batch-all"
+    pairs_per_epoch: int = 8192  # triplets per epoch with loss="triplet"; images with mining="batch-all"
     val_pairs: int = 1024
     val_images: int = 2000  # held-out images used for precision@1 (a seeded sample when there are more)
     backbone: str = "small_cnn"
@@ -69,8 +75,11 @@ class TrainConfig:
     embedding_dim: int = 128
     trainable_layers: int | None = None  # None: train all; 0: freeze the backbone; N: its top N layers
     loss: str = "contrastive"
+    mining: str = "batch-all"  # see MININGS
+    images_per_item: int = 4  # K of a P x K batch with mining="batch-all"
     margin: float = 1.0
     learning_rate: float = 1e-3
+    lr_schedule: str = "cosine"  # see LR_SCHEDULES
     val_fraction: float = 0.2
     seed: int = 0
     on_bad_image: str = "fail"
@@ -86,13 +95,21 @@ class TrainConfig:
             )
         if self.loss not in LOSSES:
             raise SiameseError(f"Expected --loss to be one of {', '.join(LOSSES)}. Received: {self.loss!r}")
+        if self.mining not in self.MININGS:
+            raise SiameseError(f"Expected --mining to be one of {', '.join(self.MININGS)}. Received: {self.mining!r}")
         for name in ("epochs", "batch_size", "val_images"):
             if getattr(self, name) < 1:
                 raise SiameseError(f"Expected --{name.replace('_', '-')} >= 1. Received: {getattr(self, name)}")
+        if self.mining == "batch-all" and (self.images_per_item < 2 or self.batch_size < self.images_per_item):
+            raise SiameseError(f"Expected 2 <= --images-per-item <= --batch-size with --mining batch-all. Received: "
+                               f"{self.images_per_item} and {self.batch_size}")
         if self.margin <= 0 or self.learning_rate <= 0:
             raise SiameseError(
                 f"Expected --margin and --learning-rate > 0. Received: {self.margin} and {self.learning_rate}"
             )
+        if self.lr_schedule not in self.LR_SCHEDULES:
+            raise SiameseError(f"Expected --lr-schedule to be one of {', '.join(self.LR_SCHEDULES)}. "
+                               f"Received: {self.lr_schedule!r}")
         if self.cache not in ("auto", *CACHES):
             raise SiameseError(f"Expected --cache to be auto, {', '.join(CACHES)}. Received: {self.cache!r}")
         weights = self.weights

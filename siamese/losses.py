@@ -1,8 +1,9 @@
-"""The contrastive loss of Hadsell, Chopra and LeCun (CVPR 2006), and a triplet loss.
+"""The contrastive loss of Hadsell, Chopra and LeCun (CVPR 2006) and a triplet loss, each also in a batch-all form.
 
 Label convention (as in `siamese.pairs`): **y = 1 for the same item**, y = 0 for different items.
 For a pair at distance d: similar pairs cost d^2 (pulled together), dissimilar pairs cost
 max(margin - d, 0)^2 (pushed apart until they are `margin` away). The loss is the mean over the batch.
+The batch-all forms apply the same costs to every pair (triplet) of a batch of embeddings (online mining).
 """
 
 from __future__ import annotations
@@ -59,4 +60,77 @@ class TripletLoss(_MarginLoss):
     fn = staticmethod(triplet_loss)
 
     def __init__(self, margin: float = 1.0, name: str = "triplet_loss", reduction="sum_over_batch_size", dtype=None):
+        super().__init__(margin, name, reduction, dtype)
+
+
+def _batch_pairs(y_true, embeddings):
+    """The relations `(b, b)` and squared Euclidean distances `(b, b)` among a batch's rows (see
+    `batch_contrastive_loss` for `y_true`)."""
+    y = ops.cast(y_true, "float32")
+    e = ops.cast(embeddings, "float32")
+    relation = ops.take(y[:, 1:], ops.cast(y[:, 0], "int32"), axis=1)  # (b, b): the rows among themselves
+    norms = ops.sum(ops.square(e), axis=1)
+    squared = ops.maximum(norms[:, None] + norms[None, :] - 2.0 * ops.matmul(e, ops.transpose(e)), 1e-9)
+    return relation, squared
+
+
+def _active_mean(cost, mask):
+    """The mean of `cost` over the entries of `mask` where it is positive (0 when there are none)."""
+    cost = mask * cost
+    return ops.sum(cost) / ops.maximum(ops.sum(mask * ops.cast(cost > 0.0, "float32")), 1.0)
+
+
+def batch_contrastive_loss(y_true, embeddings, margin: float = 1.0):
+    """The contrastive loss over every pair of a batch of embeddings (batch-all), a scalar.
+
+    `embeddings` is `(b, dim)`. `y_true` is `(b, 1 + B)`: column 0 is each row's position in the whole
+    batch of B images, then its relation to each image of that batch (`PairSampler.relations`): 1 same item,
+    0 different items sharing no label, -1 no pair (itself, or items sharing a label: ignored). The rows may
+    be a part of the batch (one replica's share under `tf.distribute`): only pairs among them count.
+
+    Positives and negatives weigh the same: the mean of d^2 over the positive pairs plus the mean of
+    max(margin - d, 0)^2 over the negative pairs that are closer than `margin` (the pairs that are already
+    apart add nothing and are not counted, so the loss does not fade as most pairs become easy). A batch
+    without a kind of pair adds 0 for it.
+    """
+    relation, squared = _batch_pairs(y_true, embeddings)
+    positive = ops.cast(ops.equal(relation, 1.0), "float32")
+    negative = ops.cast(ops.equal(relation, 0.0), "float32")
+    pulled = ops.sum(positive * squared) / ops.maximum(ops.sum(positive), 1.0)
+    return pulled + _active_mean(ops.square(ops.maximum(margin - ops.sqrt(squared), 0.0)), negative)
+
+
+def batch_triplet_loss(y_true, embeddings, margin: float = 1.0):
+    """The triplet loss over every triplet of a batch of embeddings (batch-all, Hermans et al. 2017), a scalar.
+
+    Every anchor a, positive p (same item) and negative n (an item sharing no label) of the batch costs
+    `max(d(a, p)^2 - d(a, n)^2 + margin, 0)`; the loss is the mean over the triplets that cost something.
+    `y_true` as in `batch_contrastive_loss`.
+    """
+    relation, squared = _batch_pairs(y_true, embeddings)
+    positive = ops.cast(ops.equal(relation, 1.0), "float32")
+    negative = ops.cast(ops.equal(relation, 0.0), "float32")
+    cost = ops.maximum(squared[:, :, None] - squared[:, None, :] + margin, 0.0)  # (anchor, positive, negative)
+    return _active_mean(cost, positive[:, :, None] * negative[:, None, :])
+
+
+@keras.saving.register_keras_serializable(package="siamese")
+class BatchContrastiveLoss(_MarginLoss):
+    """`batch_contrastive_loss` as a serializable Keras loss (y_pred: embeddings); `margin` defaults to 1.0."""
+
+    fn = staticmethod(batch_contrastive_loss)
+
+    def __init__(self, margin: float = 1.0, name: str = "batch_contrastive_loss", reduction="sum_over_batch_size",
+                 dtype=None):
+        super().__init__(margin, name, reduction, dtype)
+
+
+@keras.saving.register_keras_serializable(package="siamese")
+class BatchTripletLoss(_MarginLoss):
+    """`batch_triplet_loss` as a serializable Keras loss (y_pred: embeddings); `margin` defaults to 1.0."""
+
+    fn = staticmethod(batch_triplet_loss)
+
+    def __init__(self, margin: float = 1.0, name: str = "batch_triplet_loss", reduction="sum_over_batch_size",
+                 dtype=None):
         super().__init__(margin, name, reduction, dtype)

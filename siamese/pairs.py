@@ -3,6 +3,9 @@
 Label convention, used everywhere in siamese: **1 = same item** (a positive pair), **0 = different items**
 (a negative pair). Positive pairs are two different images of one item; negative pairs are images of two
 items that share no label. Items sharing any label are never a negative pair.
+
+For batch-all training (`PairSampler.batches`) a batch is a set of images, P items x K images each, and
+every two images of it are a pair; `PairSampler.relations` says which: 1 same item, 0 negative, -1 no pair.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ class PairSampler:
     """Draw pairs of a catalog's images as a pure function of `(seed, epoch)`.
 
     Each call of `pairs(epoch, n)` returns `n // 2` positive and `n - n // 2` negative pairs in shuffled
-    order; `triplets(epoch, n)` returns anchor/positive/negative triplets for the triplet loss. Items are
+    order; `triplets(epoch, n)` returns anchor/positive/negative triplets for the triplet loss;
+    `batches(epoch, n, size, per_item)` returns P x K batches of images for batch-all training. Items are
     drawn uniformly (every item weighs the same, however many images it has), then images uniformly
     within the item. A resumed run asking for the same epoch gets the same pairs.
     """
@@ -64,6 +68,7 @@ class PairSampler:
             (np.ones(len(cols), dtype=np.int32), (rows, cols)), shape=(len(counts), len(label_index))
         )
         self._negative_items = np.flatnonzero(self._has_negative_partner())
+        self._image_item = catalog.image_item
         if len(self._negative_items) == 0:
             reason = (
                 "the catalog has a single item" if len(counts) == 1 else "every two items share a label"
@@ -153,3 +158,66 @@ class PairSampler:
         anchor, positive = self._positive_images(rng, items)
         negative = self._images(rng, self._negative_partners(rng, items))
         return Triplets(anchor.astype(np.int64), positive.astype(np.int64), negative.astype(np.int64))
+
+    def batches(self, epoch: int, n: int, batch_size: int, per_item: int) -> np.ndarray:
+        """The `n` batches of `epoch` for batch-all training: `(n, batch_size)` image indices (int64).
+
+        Each batch is P items x K images: items are drawn uniformly without replacement, `per_item` (K)
+        different images of each (all of them when an item has fewer), until `batch_size` images are drawn
+        (the last item may get fewer); an item's K images are next to each other. Items that can form a pair
+        are drawn (two or more images, or a negative partner). With fewer such items than a batch needs, a
+        new round of them is drawn, and an item drawn twice gets different images while it has enough.
+        Same arguments, same batches.
+        """
+        if batch_size < 2:
+            raise SiameseError(f"Expected --batch-size >= 2 for batch-all training. Received: {batch_size}")
+        if per_item < 2:
+            raise SiameseError(f"Expected --images-per-item >= 2. Received: {per_item}")
+        if n < 1:
+            raise SiameseError(f"Expected at least 1 batch per epoch. Received: {n}")
+        rng = np.random.default_rng([self.seed, int(epoch)])
+        pool = np.union1d(self._positive_items, self._negative_items)
+        out = np.empty((n, batch_size), np.int64)
+        for b in range(n):
+            draws, takes, filled = [], [], 0
+            while filled < batch_size:  # one round: items without replacement
+                items = rng.choice(pool, min(len(pool), batch_size - filled), replace=False)
+                take = np.minimum(self._counts[items], per_item)
+                end = np.cumsum(take)
+                used = min(int(np.searchsorted(end, batch_size - filled)) + 1, len(items))
+                take = take[:used]
+                take[-1] -= max(int(end[used - 1]) - (batch_size - filled), 0)
+                draws.append(items[:used])
+                takes.append(take)
+                filled += int(take.sum())
+            items, take = np.concatenate(draws), np.concatenate(takes)
+            images = np.empty(batch_size, np.int64)
+            starts = np.concatenate([[0], np.cumsum(take)[:-1]])
+            for item in np.unique(items):  # every draw of an item together: different images while there are
+                where = np.flatnonzero(items == item)
+                need, count = int(take[where].sum()), int(self._counts[item])
+                rounds = [rng.permutation(count) for _ in range(need // count)] if need > count else []
+                picked = np.concatenate([*rounds, rng.choice(count, need - count * len(rounds), replace=False)])
+                picked += self._offsets[item]
+                k = 0
+                for w in where:
+                    images[starts[w] : starts[w] + take[w]] = picked[k : k + take[w]]
+                    k += take[w]
+            out[b] = images
+        return out
+
+    def relations(self, images: np.ndarray) -> np.ndarray:
+        """`(n, n)` float32: for every two of `images`, 1 if they are two different images of one item, 0 if
+        their items share no label (a negative pair), -1 if they are no pair (the same image, or two items
+        sharing a label)."""
+        images = np.asarray(images, np.int64)
+        items = self._image_item[images]
+        same = items[:, None] == items[None, :]
+        if self._labels.shape[1]:
+            rows = self._labels[items]
+            shared = (rows @ rows.T).toarray() > 0
+        else:
+            shared = np.zeros(same.shape, bool)
+        relation = np.where(same, 1.0, np.where(shared, -1.0, 0.0)).astype(np.float32)
+        relation[images[:, None] == images[None, :]] = -1.0
+        return relation

@@ -1,4 +1,5 @@
-"""`tf.data` input pipelines: batches of images for embedding, an endless stream of pairs for training.
+"""`tf.data` input pipelines: batches of images for embedding, endless streams of pairs or of P x K batches
+for training.
 
 Images are decoded by `siamese.images.decode_image` (the one decoder) in parallel. With `cache="memory"`
 or `cache="disk"` every image is decoded once into a uint8 array (`disk`: a memory-mapped `.npy` in the
@@ -186,6 +187,56 @@ def pair_dataset(
         tf.data.Dataset.counter(start_epoch)
         .flat_map(epoch_draw)
         .batch(batch_size)
+        .map(load_images, num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def batch_dataset(
+    sampler: PairSampler,
+    image_size: int,
+    *,
+    batch_size: int = 32,
+    images_per_item: int = 4,
+    images_per_epoch: int = 1024,
+    start_epoch: int = 0,
+    cache: Cache = "none",
+    images: np.ndarray | None = None,
+    workers: int | None = None,
+) -> tf.data.Dataset:
+    """An endless stream of batches `(images, relations)` for batch-all training, epoch after epoch.
+
+    Epoch `e` holds the `steps_per_epoch(images_per_epoch, batch_size)` batches of `sampler.batches(e, ...)`:
+    `batch_size` uint8 images, `images_per_item` of each item drawn. `relations` is float32
+    `(batch_size, 1 + batch_size)`, what `losses.batch_contrastive_loss` takes: each image's position in the
+    batch, then `sampler.relations` of the batch (1 same item, 0 negative pair, -1 no pair). A resumed run
+    sees the same batches; images are decoded or gathered as in `pair_dataset`.
+    """
+    _check_cache(cache)
+    steps = steps_per_epoch(images_per_epoch, batch_size)
+    sampler.batches(0, 1, batch_size, images_per_item)  # bad settings fail here, not inside tf.data
+
+    def draw(epoch):
+        return sampler.batches(int(epoch), steps, batch_size, images_per_item)
+
+    def epoch_draw(epoch):
+        drawn = tf.numpy_function(draw, [epoch], tf.int64, stateful=False)
+        return tf.data.Dataset.from_tensor_slices(tf.ensure_shape(drawn, (steps, batch_size)))
+
+    load = _batch_loader(sampler.catalog, image_size, cache, images, workers)
+
+    def load_batch(indices):
+        position = np.arange(len(indices), dtype=np.float32)[:, None]
+        return load(indices), np.hstack([position, sampler.relations(indices)])
+
+    def load_images(indices):
+        x, y = tf.numpy_function(load_batch, [indices], (tf.uint8, tf.float32), stateful=False)
+        return (tf.ensure_shape(x, (batch_size, image_size, image_size, 3)),
+                tf.ensure_shape(y, (batch_size, batch_size + 1)))
+
+    return (
+        tf.data.Dataset.counter(start_epoch)
+        .flat_map(epoch_draw)
         .map(load_images, num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )

@@ -27,10 +27,10 @@ from siamese.config import TrainConfig
 from siamese.errors import SiameseError
 from siamese.evaluate import precision_at_1
 from siamese.images import check_images
-from siamese.losses import ContrastiveLoss, TripletLoss
+from siamese.losses import BatchContrastiveLoss, BatchTripletLoss, ContrastiveLoss, TripletLoss
 from siamese.models import build_embedding, build_siamese, build_triplet
 from siamese.pairs import PairSampler
-from siamese.pipeline import decoded_images, pair_dataset, steps_per_epoch
+from siamese.pipeline import batch_dataset, decoded_images, pair_dataset, steps_per_epoch
 
 MEMORY_CACHE_LIMIT = 0.25
 """`cache="auto"` decodes into memory when the images take at most this share of the machine's RAM."""
@@ -161,9 +161,39 @@ def _sample_images(catalog: Catalog, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
 
 
-def _validation(config: TrainConfig, val_catalog: Catalog, embedding: keras.Model, cache: str, triplets: bool,
+def _stream(config: TrainConfig, sampler: PairSampler, per_epoch: int, *, start_epoch: int = 0, cache: str = "memory",
+            images: np.ndarray | None = None) -> tf.data.Dataset:
+    """The endless training input of `config.mining` and `config.loss`: pairs, triplets or P x K batches."""
+    if config.mining == "batch-all":
+        return batch_dataset(sampler, config.image_size, batch_size=config.batch_size,
+                             images_per_item=config.images_per_item, images_per_epoch=per_epoch,
+                             start_epoch=start_epoch, cache=cache, images=images)
+    return pair_dataset(sampler, config.image_size, batch_size=config.batch_size, pairs_per_epoch=per_epoch,
+                        start_epoch=start_epoch, cache=cache, images=images, triplets=config.loss == "triplet")
+
+
+def _training_model(config: TrainConfig, embedding: keras.Model) -> tuple[keras.Model, keras.losses.Loss]:
+    """The model `fit` trains around `embedding` (which alone is saved) and its loss."""
+    if config.mining == "batch-all":
+        images = keras.Input(embedding.input_shape[1:], dtype="uint8", name="images")
+        loss = BatchTripletLoss(config.margin) if config.loss == "triplet" else BatchContrastiveLoss(config.margin)
+        return keras.Model(images, embedding(images), name="batch_all"), loss
+    if config.loss == "triplet":
+        return build_triplet(embedding), TripletLoss(config.margin)
+    return build_siamese(embedding), ContrastiveLoss(config.margin)
+
+
+def _learning_rate(config: TrainConfig, steps: int):
+    """Adam's learning rate: constant, or cosine decay to 0 over the run's `steps` (a function of the step
+    count, which the backup restores with the optimizer, so a resumed run continues the same curve)."""
+    if config.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(config.learning_rate, steps)
+    return config.learning_rate
+
+
+def _validation(config: TrainConfig, val_catalog: Catalog, embedding: keras.Model, cache: str,
                 progress: bool) -> tuple[list[keras.callbacks.Callback], tf.data.Dataset | None, int | None]:
-    """The precision@1 callback and the fixed validation pairs (or triplets) with their step count.
+    """The precision@1 callback and the fixed validation pairs (triplets, batches) with their step count.
 
     Nothing without validation items; no pair loss when the held-out items cannot form both kinds of pair
     (e.g. a single item), while precision@1 still works.
@@ -176,14 +206,13 @@ def _validation(config: TrainConfig, val_catalog: Catalog, embedding: keras.Mode
     metrics = RetrievalMetrics(embedding, images[picked], val_catalog.image_item[picked], config.batch_size)
     try:
         sampler = PairSampler(val_catalog, seed=config.seed)
-        if triplets:
+        if config.loss == "triplet":
             sampler.triplets(0, 2)
     except SiameseError:
         return [metrics], None, None
     steps = steps_per_epoch(config.val_pairs, config.batch_size)
     # take + repeat: the same validation pairs every epoch, so val_loss is comparable across epochs
-    pairs = pair_dataset(sampler, size, batch_size=config.batch_size, pairs_per_epoch=config.val_pairs,
-                         cache="memory", images=images, triplets=triplets).take(steps).repeat()
+    pairs = _stream(config, sampler, config.val_pairs, images=images).take(steps).repeat()
     return [metrics], pairs, steps
 
 
@@ -222,21 +251,20 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
         train_images = decoded_images(train_catalog, size, cache, progress=progress) if cache != "none" else None
         backup = AtomicBackupAndRestore(str(backup_dir))
         start_epoch = backup.saved_epoch()
-        triplets = config.loss == "triplet"
-        if triplets:
+        if config.loss == "triplet":
             sampler.triplets(0, 2)  # a catalog that cannot give triplets fails here, not inside fit
-        stream = pair_dataset(sampler, size, batch_size=config.batch_size, pairs_per_epoch=config.pairs_per_epoch,
-                              start_epoch=start_epoch, cache=cache, images=train_images, triplets=triplets)
+        stream = _stream(config, sampler, config.pairs_per_epoch, start_epoch=start_epoch, cache=cache,
+                         images=train_images)
+        steps = steps_per_epoch(config.pairs_per_epoch, config.batch_size)
 
         with strategy.scope():
             embedding = build_embedding(config.backbone, size, config.embedding_dim, config.weights,
                                         config.trainable_layers)
-            model = build_triplet(embedding) if triplets else build_siamese(embedding)
-            loss = TripletLoss(config.margin) if triplets else ContrastiveLoss(config.margin)
-            model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=loss,
+            model, loss = _training_model(config, embedding)
+            model.compile(optimizer=keras.optimizers.Adam(_learning_rate(config, steps * config.epochs)), loss=loss,
                           jit_compile="auto" if gpus else False)
 
-        metrics, validation, val_steps = _validation(config, val_catalog, embedding, cache, triplets, progress)
+        metrics, validation, val_steps = _validation(config, val_catalog, embedding, cache, progress)
         monitor, mode = ("val_precision_at_1", "max") if metrics else ("loss", "min")
         checkpoint = BestCheckpoint(embedding, out, monitor, mode, backup_dir / "best.json", start_epoch)
         callbacks = [*metrics, checkpoint, backup]  # epoch ends run in this order: measure, keep the best, back up
@@ -256,9 +284,8 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
                       "val_items": [i.id for i in val_catalog.items]},
             "resumed_from_epoch": start_epoch,
         }
-        model.fit(stream, epochs=config.epochs, steps_per_epoch=steps_per_epoch(config.pairs_per_epoch,
-                  config.batch_size), validation_data=validation, validation_steps=val_steps, shuffle=False,
-                  callbacks=callbacks, verbose=verbose)
+        model.fit(stream, epochs=config.epochs, steps_per_epoch=steps, validation_data=validation,
+                  validation_steps=val_steps, shuffle=False, callbacks=callbacks, verbose=verbose)
     finally:
         keras.mixed_precision.set_global_policy(policy)
 

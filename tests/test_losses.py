@@ -8,7 +8,16 @@ import pytest
 import tensorflow as tf
 
 from siamese.layers import EuclideanDistance
-from siamese.losses import ContrastiveLoss, TripletLoss, contrastive_loss, triplet_loss
+from siamese.losses import (
+    BatchContrastiveLoss,
+    BatchTripletLoss,
+    ContrastiveLoss,
+    TripletLoss,
+    batch_contrastive_loss,
+    batch_triplet_loss,
+    contrastive_loss,
+    triplet_loss,
+)
 
 SAME = np.array([1.0, 0.0, 0.0, 1.0], np.float32)  # 1 = same item
 DIST = np.array([0.3, 0.2, 1.5, 0.0], np.float32)
@@ -29,7 +38,34 @@ def test_triplet_loss_by_hand():
     assert float(TripletLoss()(np.zeros(3), distances)) == pytest.approx((0.25 + 1.96) / 3)
 
 
-@pytest.mark.parametrize("cls", [ContrastiveLoss, TripletLoss])
+def test_batch_contrastive_loss_by_hand():
+    # images 0 and 1 are one item, image 2 another (no shared label); rows: position, then relations
+    relations = np.array([[0, -1, 1, 0], [1, 1, -1, 0], [2, 0, 0, -1]], np.float32)
+    embeddings = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]], np.float32)
+    # d01^2 = 0.8 (the positive pair); d02 = sqrt(2) > margin (already apart: not counted);
+    # d12 = sqrt(0.4) < 1: pushed by (1 - sqrt(0.4))^2; means over the pairs of each kind, both orders
+    push = (1 - np.sqrt(0.4)) ** 2
+    assert float(batch_contrastive_loss(relations, embeddings)) == pytest.approx(0.8 + push, rel=1e-5)
+    # margin 2: both negative pairs are closer than it and count
+    push2 = ((2 - np.sqrt(2)) ** 2 + (2 - np.sqrt(0.4)) ** 2) / 2
+    assert float(BatchContrastiveLoss(margin=2.0)(relations, embeddings)) == pytest.approx(0.8 + push2, rel=1e-5)
+    # one replica's share of the batch (rows 1 and 2): only the pairs among them count, no positive pair
+    assert float(batch_contrastive_loss(relations[1:], embeddings[1:])) == pytest.approx(push, rel=1e-5)
+    # no pair at all (every relation -1, e.g. items that share a label): nothing to learn, no NaN
+    no_pairs = np.hstack([relations[:, :1], -np.ones((3, 3), np.float32)])
+    assert float(batch_contrastive_loss(no_pairs, embeddings)) == 0.0
+
+
+def test_batch_triplet_loss_by_hand():
+    relations = np.array([[0, -1, 1, 0], [1, 1, -1, 0], [2, 0, 0, -1]], np.float32)
+    embeddings = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]], np.float32)
+    # two triplets: (0, 1, 2) costs max(0.8 - 2 + 1, 0) = 0 (not counted); (1, 0, 2) costs 0.8 - 0.4 + 1
+    assert float(batch_triplet_loss(relations, embeddings)) == pytest.approx(1.4, rel=1e-5)
+    assert float(BatchTripletLoss(margin=0.5)(relations, embeddings)) == pytest.approx(0.9, rel=1e-5)
+    assert float(batch_triplet_loss(relations[1:], embeddings[1:])) == 0.0  # no positive among rows 1 and 2
+
+
+@pytest.mark.parametrize("cls", [ContrastiveLoss, TripletLoss, BatchContrastiveLoss, BatchTripletLoss])
 def test_losses_serialize_with_their_margin(cls):
     loss = cls(margin=0.7)
     assert loss.get_config()["margin"] == 0.7

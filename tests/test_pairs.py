@@ -128,3 +128,61 @@ def test_no_triplets_without_an_anchor(tmp_path):
     assert PairSampler(catalog).pairs(0, 4).same.sum() == 2  # pairs are still possible
     with pytest.raises(SiameseError, match="No triplets: no item has both two images and another item sharing"):
         PairSampler(catalog).triplets(0, 10)
+
+
+def test_batches_are_p_items_by_k_images_reproducibly(labeled):
+    sampler = PairSampler(labeled, seed=3)
+    item = labeled.image_item
+    batches = sampler.batches(0, 50, 8, per_item=2)
+    assert batches.shape == (50, 8) and batches.dtype == np.int64
+    for batch in batches:
+        # items come in runs of per_item images; a run's images are different images of the item
+        runs, lonely = [], 5  # "lonely" has one image: it takes one place, the next item starts after it
+        k = 0
+        while k < len(batch):
+            width = 1 if item[batch[k]] == lonely else 2
+            runs.append(batch[k : k + width])
+            k += width
+        for run in runs:
+            assert len(set(item[run])) == 1 and len(set(run)) == len(run)
+        assert len({item[run[0]] for run in runs}) == len(runs)  # drawn without replacement in a round
+    assert (sampler.batches(0, 50, 8, 2) == batches).all()
+    assert not (sampler.batches(1, 50, 8, 2) == batches).all()
+    drawn = np.bincount(item[batches.ravel()], minlength=6)
+    assert (drawn > 0).all()  # every item takes part, "lonely" too (it has negative partners)
+
+
+def test_batches_larger_than_the_catalog_draw_items_again_with_other_images(labeled):
+    # 6 items, 15 images: a batch of 24 (K = 4) takes every item, then a second round of them
+    batch = PairSampler(labeled, seed=0).batches(0, 1, 24, per_item=4)[0]
+    item = labeled.image_item
+    for i, count in enumerate(len(x.filenames) for x in labeled.items):
+        images = batch[item[batch] == i]
+        # every image of the item before any is repeated
+        assert len(set(images.tolist())) == min(len(images), count)
+
+
+def test_relations_follow_the_label_rule(labeled):
+    sampler = PairSampler(labeled, seed=1)
+    batch = sampler.batches(0, 1, 12, per_item=3)[0]
+    relation = sampler.relations(batch)
+    item = labeled.image_item
+    assert relation.shape == (12, 12) and relation.dtype == np.float32
+    for a in range(12):
+        for b in range(12):
+            i, j = item[batch[a]], item[batch[b]]
+            if batch[a] == batch[b]:
+                want = -1.0  # an image with itself is no pair
+            elif i == j:
+                want = 1.0
+            else:
+                want = -1.0 if share_label(labeled, i, j) else 0.0
+            assert relation[a, b] == want, (a, b)
+
+
+def test_batch_settings_are_checked(labeled):
+    sampler = PairSampler(labeled)
+    with pytest.raises(SiameseError, match="Expected --images-per-item >= 2. Received: 1"):
+        sampler.batches(0, 1, 8, per_item=1)
+    with pytest.raises(SiameseError, match="Expected --batch-size >= 2 for batch-all training. Received: 1"):
+        sampler.batches(0, 1, 1, per_item=2)

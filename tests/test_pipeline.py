@@ -13,7 +13,7 @@ from siamese.catalog import load_catalog
 from siamese.errors import SiameseError
 from siamese.images import decode_image
 from siamese.pairs import PairSampler
-from siamese.pipeline import decoded_images, image_dataset, pair_dataset, steps_per_epoch
+from siamese.pipeline import batch_dataset, decoded_images, image_dataset, pair_dataset, steps_per_epoch
 
 
 @pytest.fixture
@@ -94,3 +94,22 @@ def test_triplet_stream_decodes_anchor_positive_negative(catalog):
     for k in range(6):
         assert (negatives[k].numpy() == decode_image(catalog.paths[drawn.negative[k]], 8)).all()
         assert (positives[k].numpy() == decode_image(catalog.paths[drawn.positive[k]], 8)).all()
+
+
+def test_batch_stream_holds_the_sampled_batches_and_their_relations_and_resumes(catalog):
+    sampler = PairSampler(catalog, seed=6)
+    ds = batch_dataset(sampler, 8, batch_size=12, images_per_item=3, images_per_epoch=30)  # 3 batches an epoch
+    got = [(x.numpy(), y.numpy()) for x, y in ds.take(6)]
+    for epoch in range(2):
+        drawn = sampler.batches(epoch, 3, 12, 3)
+        for b in range(3):
+            images, target = got[3 * epoch + b]
+            assert images.shape == (12, 8, 8, 3) and images.dtype == np.uint8 and target.shape == (12, 13)
+            assert (target[:, 0] == np.arange(12)).all()  # each row's position, for a replica's share
+            assert (target[:, 1:] == sampler.relations(drawn[b])).all()
+            for k in (0, 5, 11):
+                assert (images[k] == decode_image(catalog.paths[drawn[b][k]], 8)).all()
+    cached = batch_dataset(sampler, 8, batch_size=12, images_per_item=3, images_per_epoch=30, cache="memory",
+                           start_epoch=1)
+    for (x, y), (want_x, want_y) in zip(cached.take(3), got[3:], strict=True):
+        assert (x.numpy() == want_x).all() and (y.numpy() == want_y).all()

@@ -38,7 +38,7 @@ def test_training_lowers_the_loss_and_beats_the_untrained_model_on_held_out_imag
     # Validation on digits' test split: images the training never saw, of the ten classes. (On held-out
     # *classes* random convolutions already separate digits, and five training classes do not beat them:
     # see the note in README.md.)
-    config = digits_config(digits, tmp_path / "digits.keras", epochs=3, pairs_per_epoch=2048,
+    config = digits_config(digits, tmp_path / "digits.keras", epochs=3, pairs_per_epoch=4096,
                            val_labeled_data=str(digits / "test.json"))
     result = train(config, verbose=0)
     losses = [h["loss"] for h in result.history]
@@ -149,7 +149,11 @@ def test_training_runs_the_image_check_first(tmp_path):
      ({"loss": "hinge"}, r"Expected --loss to be one of contrastive, triplet. Received: 'hinge'"),
      ({"epochs": 0}, r"Expected --epochs >= 1. Received: 0"),
      ({"margin": -1.0}, r"Expected --margin and --learning-rate > 0"),
-     ({"cache": "gpu"}, r"Expected --cache to be auto, none, memory, disk. Received: 'gpu'")],
+     ({"cache": "gpu"}, r"Expected --cache to be auto, none, memory, disk. Received: 'gpu'"),
+     ({"mining": "hard"}, r"Expected --mining to be one of batch-all, pairs. Received: 'hard'"),
+     ({"images_per_item": 1}, r"Expected 2 <= --images-per-item <= --batch-size with --mining batch-all. "
+                              r"Received: 1 and 64"),
+     ({"lr_schedule": "step"}, r"Expected --lr-schedule to be one of constant, cosine. Received: 'step'")],
 )
 def test_settings_are_checked_before_anything_runs(tmp_path, change, message):
     config = TrainConfig(labeled_data="x.json", image_dir=str(tmp_path), **change)
@@ -165,9 +169,18 @@ def test_cli_train_error_is_one_line(tmp_path):
         "utilities.py: error: Expected --out to end in .keras, .h5, .hdf5. Received: model.pt"]
 
 
-def test_triplet_loss_trains_behind_the_same_flag(digits, tmp_path):
-    result = train(digits_config(digits, tmp_path / "triplet.keras", epochs=2, loss="triplet"), verbose=0)
+@pytest.mark.parametrize("mining", ["batch-all", "pairs"])
+def test_triplet_loss_trains_behind_the_same_flag(digits, tmp_path, mining):
+    result = train(digits_config(digits, tmp_path / "triplet.keras", epochs=2, loss="triplet", mining=mining),
+                   verbose=0)
     assert [h["epoch"] for h in result.history] == [1, 2]
     assert result.history[-1]["loss"] < result.history[0]["loss"]
     assert "val_loss" in result.history[0] and result.monitor == "val_precision_at_1"
     assert keras.saving.load_model(result.checkpoint).output_shape == (None, 16)
+
+
+def test_drawn_pairs_train_too(digits, tmp_path):
+    config = digits_config(digits, tmp_path / "pairs.keras", epochs=2, mining="pairs", lr_schedule="constant")
+    result = train(config, verbose=0)
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    assert json.loads(sidecar(result.checkpoint, "config").read_text())["mining"] == "pairs"
