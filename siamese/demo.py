@@ -29,7 +29,7 @@ class DemoConfig:
     source: str = "auto"  # fashion-mnist, digits, or auto: Fashion-MNIST if it can be had, else digits
     images: int = 10_000  # Fashion-MNIST images used of each split, training and test (digits has 1,437 + 360)
     epochs: int = 6
-    pairs_per_epoch: int = 32_768
+    pairs_per_epoch: int = 32_768  # images drawn each epoch (batch-all mining)
     batch_size: int = 128
     queries: int = 6  # test images queried, one per item
     similarity_images: int = 8
@@ -107,8 +107,8 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
         print(f"train: {train_catalog.summary()}\ntest: {test_catalog.summary()}")
 
     checkpoint = out / "checkpoints" / f"{source}.keras"
-    with _step(seconds, f"3. Train small_cnn on the CPU ({config.epochs} epochs x {config.pairs_per_epoch:,} pairs, "
-               "the test images as validation)"):
+    with _step(seconds, f"3. Train small_cnn on the CPU ({config.epochs} epochs x {config.pairs_per_epoch:,} images, "
+               "every pair of each batch, the test images as validation)"):
         result = train(TrainConfig(
             labeled_data=str(written["train"]), image_dir=str(image_dir), out=str(checkpoint),
             val_labeled_data=str(written["test"]), epochs=config.epochs, batch_size=config.batch_size,
