@@ -49,6 +49,42 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "(default: the backbone's own)")
 
 
+def _add_engine_args(p: argparse.ArgumentParser, inherit: bool = False) -> None:
+    """The search engine and its build settings; with `inherit` (merge-index) they default to the parts' own."""
+
+    def add(flag: str, value, text: str, **kwargs) -> None:
+        note = "default: the parts'" if inherit else f"default {value}"
+        p.add_argument(flag, default=None if inherit else value, help=f"{text} ({note})", **kwargs)
+
+    add("--index", "balltree", "search engine: balltree (scikit-learn, the seed's) or brute (exact BLAS search, much "
+        "faster at 128-d); hnsw (hnswlib graph) or faiss (exact IndexFlatIP below 100,000 images, IVF above): "
+        "approximate, much faster on large catalogs", choices=INDEX_BACKENDS)
+    add("--leaf-size", 40, "balltree: leaf size", type=int)
+    add("--hnsw-m", 16, "hnsw: links per image in the graph; more: better recall, more memory", type=int, metavar="M")
+    add("--ef-construction", 200, "hnsw: candidates kept while linking; more: a better graph, slower to build",
+        type=int, metavar="N")
+    p.add_argument("--nlist", type=int, default=None, metavar="N",
+                   help="faiss: inverted lists of the IVF index; 0 keeps it exact (default: 0 below 100,000 images, "
+                   "4 sqrt(images) above)")
+    add("--target-recall", 0.99, "hnsw, faiss IVF: the recall@10 on held-out images that the default --ef "
+        "(--nprobe) of queries must reach, chosen at build time", type=float, metavar="R")
+
+
+def _engine_settings(args: argparse.Namespace) -> dict:
+    """The keyword arguments of `Index` given on the command line by `_add_engine_args`."""
+    names = ("leaf_size", "hnsw_m", "ef_construction", "nlist", "target_recall")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """`--shard I/N`: shard I (1-based) of N."""
+    shard, _, shards = text.partition("/")
+    if not (shard.isdigit() and shards.isdigit() and 1 <= int(shard) <= int(shards)):
+        raise argparse.ArgumentTypeError(f"Expected I/N with 1 <= I <= N (shards count from 1: 1/4 ... 4/4). "
+                                         f"Received: {text!r}")
+    return int(shard), int(shards)
+
+
 SEED_EXPORTS = {"savedmodel": "export", "balltree": "index"}
 """The seed's `--export WHAT` spelling, and the command each one is."""
 
@@ -158,17 +194,31 @@ def build_parser() -> argparse.ArgumentParser:
         "index", help="embed every image of a catalog and build a nearest-neighbour index (seed: --export balltree)",
         description="Embed every image of a labeled catalog (batched, from the files) and save a nearest-neighbour "
         "index with each row's item id, filename and labels: embeddings as .npy, metadata as JSON, never a "
-        "pickle. Without --keras-model, a pretrained ImageNet backbone embeds the images.",
+        "pickle. Without --keras-model, a pretrained ImageNet backbone embeds the images. Approximate engines (hnsw, "
+        "faiss IVF) measure their recall@10 on held-out images and pick the query-time --ef (--nprobe) that reaches "
+        "--target-recall. --shard I/N embeds one slice of the catalog, for several machines; merge-index joins them.",
     )
     _add_catalog_args(p)
     _add_model_args(p)
     p.add_argument("--output", default="exports/index", metavar="DIR", help="index folder (default exports/index)")
-    p.add_argument("--index", default="balltree", choices=INDEX_BACKENDS,
-                   help="search engine: balltree (scikit-learn, the seed's; default) or brute (exact BLAS search, "
-                   "much faster at 128-d)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    p.add_argument("--leaf-size", type=int, default=40, help="BallTree leaf size (default 40)")
+    _add_engine_args(p)
+    p.add_argument("--shard", type=_shard, metavar="I/N",
+                   help="embed only shard I of N, counted from 1 (1/4 ... 4/4): a contiguous run of whole batches of "
+                   "the catalog's images, saved as a part in --output; join the parts with merge-index. A part "
+                   "already in --output (same model, catalog, shard and --index) is skipped, not redone")
     p.set_defaults(run=_index)
+
+    p = commands.add_parser(
+        "merge-index", help="join the shard parts written by `index --shard I/N` into one index",
+        description="Join the parts written by `index --shard I/N` (one per shard, any order) into one index, "
+        "identical in embeddings and rows to indexing the catalog at once, and build its search engine. Refuses "
+        "parts of different models or catalogs and missing or repeated shards.",
+    )
+    p.add_argument("parts", nargs="+", metavar="PART", help="part folders written by `index --shard I/N`")
+    p.add_argument("--output", required=True, metavar="DIR", help="index folder to write")
+    _add_engine_args(p, inherit=True)
+    p.set_defaults(run=_merge_index)
 
     p = commands.add_parser(
         "query", help="find the images of an index nearest to each query image",
@@ -183,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keras-model", metavar="M",
                    help="embed the queries with this model (default: the one the index records); it must be the "
                    "model that built the index")
+    p.add_argument("--ef", type=int, metavar="N",
+                   help="hnsw: candidates kept while searching; more: better recall, slower (default: the index's, "
+                   "chosen at build time for its --target-recall)")
+    p.add_argument("--nprobe", type=int, metavar="N",
+                   help="faiss IVF: lists searched per query, up to nlist; more: better recall, slower (default: the "
+                   "index's, chosen at build time for its --target-recall)")
     p.set_defaults(run=_query)
 
     p = commands.add_parser(
@@ -245,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=d.images,
                    help=f"Fashion-MNIST images of each split, training and test (default {d.images:,})")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
-    p.add_argument("--pairs-per-epoch", type=int, default=d.pairs_per_epoch, help=f"default {d.pairs_per_epoch}")
+    p.add_argument("--pairs-per-epoch", type=int, default=d.pairs_per_epoch,
+                   help=f"images drawn each epoch (default {d.pairs_per_epoch})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(run=_demo)
@@ -316,22 +373,55 @@ def _export(args: argparse.Namespace) -> int:
 
 def _index(args: argparse.Namespace) -> int:
     from siamese.catalog import load_catalog
-    from siamese.embed import index_catalog
+    from siamese.embed import finished_part, index_catalog, shard_catalog
     from siamese.images import check_images
 
     if args.batch_size < 1:
         raise SiameseError(f"Expected --batch-size >= 1. Received: {args.batch_size}")
     progress = not args.no_progress
-    catalog = check_images(load_catalog(args.labeled_data, args.image_dir), args.on_bad_image, progress=progress)
+    catalog, part = load_catalog(args.labeled_data, args.image_dir), None
+    if args.shard:
+        catalog, part = shard_catalog(catalog, *args.shard, args.batch_size)
+    catalog = check_images(catalog, args.on_bad_image, progress=progress)
     model, info = _embedder(args)
+    done = "Indexed "
+    if part:
+        done = (f"Indexed shard {part['shard']}/{part['shards']} (images {part['rows'][0]:,} to "
+                f"{part['rows'][1]:,} of {part['images']:,}): ")
+        if finished_part(args.output, info, part, args.index):
+            print(f"Skipped shard {part['shard']}/{part['shards']}: {args.output} already holds it (same model, "
+                  "catalog, shard and --index)")
+            return 0
     weights = args.weights if args.weights in ("imagenet", "none") else str(Path(args.weights).resolve())
     embedder = ({"keras_model": info.source} if args.keras_model else
                 {"backbone": args.backbone, "weights": weights, "image_size": args.image_size})
-    index = index_catalog(model, info, catalog, args.index, args.leaf_size, args.batch_size, embedder,
-                          args.labeled_data, progress)
+    index = index_catalog(model, info, catalog, args.index, args.batch_size, embedder, args.labeled_data, progress,
+                          part, **_engine_settings(args))
     out = index.save(args.output)
-    print(f"Indexed {plural(len(index), 'image')} of {plural(len(catalog), 'item')} ({index.dim}-d, {args.index}) "
-          f"embedded by {info.source}: {out}")
+    _print_index(index, f"{done}{plural(len(index), 'image')} of {plural(len(catalog), 'item')}", out)
+    if part:
+        print("Next, when every shard is done: python utilities.py merge-index PART... --output DIR")
+    else:
+        print(f"Next: python utilities.py query --index {out} IMAGE...")
+    return 0
+
+
+def _print_index(index, done: str, out: Path) -> None:
+    """Print what an index holds, its engine, where it went and, for approximate engines, their recall."""
+    print(f"{done} ({index.dim}-d, {index.engine}) embedded by {index.model.get('source')}: {out}")
+    if index.recall:
+        knob = "--ef" if index.backend == "hnsw" else "--nprobe"
+        print(f"Recall@10 {index.recall_at_10:.4f} on {plural(index.recall['queries'], 'held-out image')} "
+              f"(target {index.recall['target']}); query with {knob} N to trade speed for recall")
+
+
+def _merge_index(args: argparse.Namespace) -> int:
+    from siamese.index import merge_parts
+
+    index = merge_parts(args.parts, args.index, **_engine_settings(args))
+    out = index.save(args.output)
+    _print_index(index, f"Merged {plural(len(args.parts), 'part')}: {plural(len(index), 'image')} of "
+                 f"{plural(len(set(index.items)), 'item')}", out)
     print(f"Next: python utilities.py query --index {out} IMAGE...")
     return 0
 
@@ -345,7 +435,7 @@ def _query(args: argparse.Namespace) -> int:
     index = Index.load(args.index)
     if args.keras_model:
         index.check_model(*load_embedder(args.keras_model))
-    results = index.query(args.images, args.k, args.by_item)
+    results = index.query(args.images, args.k, args.by_item, ef=args.ef, nprobe=args.nprobe)
     if args.json:
         print(json.dumps([{"query": q, "neighbours": [m.to_dict() for m in r]}
                           for q, r in zip(args.images, results, strict=True)], indent=2, ensure_ascii=False))

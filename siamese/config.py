@@ -15,8 +15,9 @@ from siamese.errors import SiameseError
 CACHES = ("none", "memory", "disk")
 CHECKPOINT_SUFFIXES = (".keras", ".h5", ".hdf5")
 LOSSES = ("contrastive", "triplet")
-INDEX_BACKENDS = ("balltree", "brute")
-"""Search engines of `siamese.index.Index`; balltree is the seed's."""
+INDEX_BACKENDS = ("balltree", "brute", "hnsw", "faiss")
+"""Search engines of `siamese.index.Index`: balltree (the seed's) and brute are exact, hnsw (hnswlib) and faiss
+(exact flat below 100,000 rows, IVF above) are approximate."""
 PRETRAINED_BACKBONE = "inception_v3"
 """The embedder without `--keras-model`: Google's Inception v3 with ImageNet weights, as both seeds used."""
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from siamese.catalog import Catalog
 from siamese.config import PRETRAINED_BACKBONE
+from siamese.errors import SiameseError, plural
 from siamese.images import ImageDecodeError, ImageSource, decode_image
 from siamese.index import Index
 from siamese.models import build_embedding, load_embedding, model_fingerprint
@@ -109,17 +110,50 @@ def embed_images(model: keras.Model, sources: Sequence[ImageSource], batch_size:
     return np.concatenate(out)
 
 
+def shard_catalog(catalog: Catalog, shard: int, shards: int, batch_size: int = 64) -> tuple[Catalog, dict]:
+    """Shard `shard` (1-based) of `shards` of `catalog`'s images: a contiguous run of whole batches of
+    `batch_size` (default 64), so every batch is the one indexing the whole catalog embeds and the merged parts
+    equal it byte for byte. Returns the slice and the part record an `Index` keeps (`part`): shard, shards,
+    batch_size, rows (first and after-last image of the slice in the catalog), images, catalog_sha256."""
+    images = len(catalog.filenames)
+    batches = -(-images // batch_size)
+    if not 1 <= shard <= shards <= batches:
+        raise SiameseError(
+            f"Expected --shard I/N with 1 <= I <= N <= {batches:,} (the catalog's {plural(images, 'image')} make "
+            f"{batches:,} batches of --batch-size {batch_size}). Received: --shard {shard}/{shards}. Fix: number "
+            "shards from 1, and ask for at most one shard per batch."
+        )
+    start = (shard - 1) * batches // shards * batch_size
+    stop = min(shard * batches // shards * batch_size, images)
+    part = {"shard": shard, "shards": shards, "batch_size": batch_size, "rows": [start, stop], "images": images,
+            "catalog_sha256": catalog.digest()}
+    return catalog.slice_images(start, stop), part
+
+
+def finished_part(directory: str | os.PathLike, info: ModelInfo, part: dict, backend: str) -> bool:
+    """Whether `directory` holds, whole, the shard `part` (see `shard_catalog`) embedded by the model `info`
+    with `backend`: such a shard need not be embedded again."""
+    if not (Path(directory) / "index.json").is_file():
+        return False
+    try:
+        index = Index.load(directory)
+    except SiameseError:
+        return False
+    return (index.part, index.model.get("fingerprint"), index.backend) == (part, info.fingerprint, backend)
+
+
 def index_catalog(
-    model: keras.Model, info: ModelInfo, catalog: Catalog, backend: str = "balltree", leaf_size: int = 40,
-    batch_size: int = 64, embedder: dict | None = None, labeled_data: str | os.PathLike | None = None,
-    progress: bool = True,
+    model: keras.Model, info: ModelInfo, catalog: Catalog, backend: str = "balltree", batch_size: int = 64,
+    embedder: dict | None = None, labeled_data: str | os.PathLike | None = None, progress: bool = True,
+    part: dict | None = None, **settings,
 ) -> Index:
-    """Embed every image of `catalog` with `model` and build an `Index` (default balltree) that records the
-    model (`info`), how to load it again for queries (`embedder`: keyword arguments of `load_embedder`,
-    default none) and the catalog it came from (`labeled_data`, its image folder and hash). What
-    `--export balltree` runs; save it with `.save(DIR)`."""
+    """Embed every image of `catalog` with `model` and build an `Index` (default balltree; `settings` are its
+    engine's keyword arguments, e.g. leaf_size, hnsw_m) that records the model (`info`), how to load it again for
+    queries (`embedder`: keyword arguments of `load_embedder`, default none), the catalog it came from
+    (`labeled_data`, its image folder and hash) and, for a shard of it (see `shard_catalog`), the `part`.
+    What `--export balltree` runs; save it with `.save(DIR)`."""
     embeddings = embed_catalog(model, catalog, batch_size, progress=progress)
     source = {"labeled_data": str(Path(labeled_data).resolve()) if labeled_data else None,
               "image_dir": str(catalog.image_dir.resolve()), "sha256": catalog.digest()}
-    return Index.from_catalog(catalog, embeddings, backend=backend, leaf_size=leaf_size, model=info.to_dict(),
-                              embedder=embedder, source=source)
+    return Index.from_catalog(catalog, embeddings, backend=backend, model=info.to_dict(), embedder=embedder,
+                              source=source, part=part, **settings)

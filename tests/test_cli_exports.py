@@ -83,6 +83,120 @@ def test_seed_index_commands_with_a_pretrained_backbone_and_brute(workdir, run_c
     assert out.splitlines()[1].split()[2:] == ["c", "images/c/0.png"]
 
 
+def test_hnsw_and_faiss_indexes_report_their_recall_and_take_ef_and_nprobe(workdir, run_cli):
+    args = ("index", "--keras-model", "checkpoints/file_saved_by_notebook.hdf5", "--labeled-data", "data/labeled.json",
+            "--image-dir", "data", "--no-progress")
+    code, out, err = run_cli(*args, "--index", "hnsw", "--output", "hnsw", "--hnsw-m", "8", "--ef-construction", "50")
+    assert code == 0, err
+    assert "(8-d, hnsw (M 8, ef_construction 50, ef 16)) embedded by" in out
+    assert "Recall@10 1.0000 on 7 held-out images (target 0.99); query with --ef N" in out
+    assert Index.load(workdir / "hnsw").recall_at_10 == 1.0
+    code, out, err = run_cli(*args, "--index", "faiss", "--output", "faiss", "--nlist", "2")
+    assert code == 0, err
+    assert "(8-d, faiss IndexIVFFlat (nlist 2, nprobe 2)) embedded by" in out and "query with --nprobe N" in out
+    query = "data/images/b/1.png"
+    for index, knob in (("hnsw", ("--ef", "3")), ("faiss", ("--nprobe", "2"))):
+        code, out, err = run_cli("query", "--index", index, query, "--k", "2", *knob)
+        assert code == 0, err
+        assert out.splitlines()[1].split()[1:] == ["1.0000", "b", "images/b/1.png"]
+    code, out, err = run_cli("query", "--index", "hnsw", query, "--k", "2", "--nprobe", "2")
+    assert code == 2 and "Expected --nprobe only with a faiss index" in err and "Fix: leave out --nprobe" in err
+    code, out, err = run_cli("query", "--index", "faiss", query, "--k", "2", "--nprobe", "3")
+    assert code == 2 and "Expected 1 <= --nprobe <= 2 for this faiss IndexIVFFlat (nlist 2, nprobe 2) index" in err
+
+
+SHARD_ARGS = ("--keras-model", "checkpoints/file_saved_by_notebook.hdf5", "--labeled-data", "data/labeled.json",
+              "--image-dir", "data", "--no-progress", "--batch-size", "2")
+
+
+def test_shards_merge_into_the_index_of_the_whole_catalog_byte_for_byte(workdir, run_cli):
+    code, out, err = run_cli("index", *SHARD_ARGS, "--index", "brute", "--output", "whole")
+    assert code == 0, err
+    # 7 images make 4 batches of 2: shards of images 0-2, 2-4 and 4-7 (item a's 3 images are cut in two)
+    code, out, err = run_cli("--export", "balltree", *SHARD_ARGS, "--shard", "1/3", "--output", "parts/1")
+    assert code == 0, err
+    assert "Indexed shard 1/3 (images 0 to 2 of 7): 2 images of 1 item (8-d, balltree)" in out
+    assert "merge-index PART... --output DIR" in out
+    for shard in (2, 3):
+        assert run_cli("index", *SHARD_ARGS, "--shard", f"{shard}/3", "--output", f"parts/{shard}")[0] == 0
+    assert Index.load(workdir / "parts" / "3").part == {
+        "shard": 3, "shards": 3, "batch_size": 2, "rows": [4, 7], "images": 7,
+        "catalog_sha256": json.loads((workdir / "whole" / "index.json").read_text())["source"]["sha256"]}
+
+    code, out, err = run_cli("merge-index", "parts/3", "parts/1", "parts/2", "--output", "merged", "--index", "brute")
+    assert code == 0, err
+    assert "Merged 3 parts: 7 images of 3 items (8-d, brute) embedded by" in out
+    whole, merged = (json.loads((workdir / name / "index.json").read_text()) for name in ("whole", "merged"))
+    for key in ("embeddings", "embeddings_sha256", "rows", "rows_sha256"):
+        assert merged["files"][key] == whole["files"][key]
+    assert merged["source"]["sha256"] == whole["source"]["sha256"] and merged["model"] == whole["model"]
+    assert (workdir / "merged" / whole["files"]["embeddings"]).read_bytes() == (
+        workdir / "whole" / whole["files"]["embeddings"]).read_bytes()
+    code, out, err = run_cli("query", "--index", "merged", "data/images/a/2.png", "--k", "1")
+    assert code == 0 and out.splitlines()[1].split()[2:] == ["a", "images/a/2.png"]
+    assert Index.load(workdir / "merged").part is None
+
+    code, out, err = run_cli("merge-index", "parts/1", "parts/2", "parts/3", "--output", "merged_hnsw",
+                             "--index", "hnsw")
+    assert code == 0 and "hnsw (M 16, ef_construction 200, ef 16)" in out and "Recall@10" in out
+    assert run_cli("merge-index", "parts/1", "parts/2", "parts/3", "--output", "default")[0] == 0
+    assert Index.load(workdir / "default").backend == "balltree"  # the parts'
+
+
+def test_a_finished_shard_is_skipped_and_a_changed_one_redone(workdir, run_cli):
+    assert run_cli("index", *SHARD_ARGS, "--shard", "2/3", "--output", "part")[0] == 0
+    written = (workdir / "part" / "index.json").stat().st_mtime_ns
+    code, out, err = run_cli("index", *SHARD_ARGS, "--shard", "2/3", "--output", "part")
+    assert code == 0, err
+    assert out.splitlines() == ["Skipped shard 2/3: part already holds it (same model, catalog, shard and --index)"]
+    assert (workdir / "part" / "index.json").stat().st_mtime_ns == written
+    for changed in (("--shard", "3/3"), ("--shard", "2/3", "--index", "brute")):
+        code, out, err = run_cli("index", *SHARD_ARGS, *changed, "--output", "part")
+        assert code == 0 and out.startswith("Indexed shard"), err
+
+
+def test_merge_refuses_missing_shards_other_models_and_whole_indexes(workdir, run_cli):
+    for shard in (1, 2, 3):
+        assert run_cli("index", *SHARD_ARGS, "--shard", f"{shard}/3", "--output", f"parts/{shard}")[0] == 0
+    keras.utils.set_random_seed(1)
+    build_embedding("small_cnn", 16, 8).save(workdir / "other.keras")
+    other = [a if a != "checkpoints/file_saved_by_notebook.hdf5" else "other.keras" for a in SHARD_ARGS]
+    assert run_cli("index", *other, "--shard", "2/3", "--output", "other2")[0] == 0
+    assert run_cli("index", *SHARD_ARGS, "--output", "whole")[0] == 0
+    assert run_cli("index", *SHARD_ARGS[:-1], "4", "--shard", "1/2", "--output", "by4")[0] == 0
+    cases = [
+        (("parts/1", "parts/3"), r"Expected every shard of 3\. Received: no part for shard 2/3\. Fix: build it with "
+                                 r"`index \.\.\. --shard 2/3` and pass every part"),
+        (("parts/1", "other2", "parts/3"), r"Expected parts embedded by one model\. Received: other2 by .*other.keras "
+                                           r"\(fingerprint \w+\), parts/1 by .*Fix: rebuild other2 with the model"),
+        (("parts/1", "parts/2", "parts/2", "parts/3"), r"shard 2/3 twice, in parts/2 and parts/2"),
+        (("parts/1", "whole"), r"Expected shard parts\. Received: whole, an index of a whole catalog"),
+        (("parts/2", "by4"), r"Expected parts of one split\. Received: by4 is shard 1/2 of batches of 4"),
+        (("parts/1", "nowhere"), "nowhere is not an index: no index.json"),
+    ]
+    for parts, message in cases:
+        code, out, err = run_cli("merge-index", *parts, "--output", "merged")
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+        assert re.search(message, err), err
+    assert not (workdir / "merged").exists()
+
+
+@pytest.mark.parametrize(("shard", "message"), [
+    ("0/3", r"argument --shard: Expected I/N with 1 <= I <= N \(shards count from 1: 1/4 \.\.\. 4/4\)\. "
+            r"Received: '0/3'"),
+    ("4/3", r"Received: '4/3'"),
+    ("two", r"Received: 'two'"),
+    ("5/5", r"Expected --shard I/N with 1 <= I <= N <= 4 \(the catalog's 7 images make 4 batches of --batch-size 2\)\. "
+            r"Received: --shard 5/5"),
+])
+def test_a_bad_shard_is_refused_in_one_line(workdir, run_cli, capsys, shard, message):
+    try:
+        code, _, err = run_cli("index", *SHARD_ARGS, "--shard", shard)
+    except SystemExit as e:  # refused by argparse, before anything runs
+        code, err = e.code, capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
 def test_query_errors_are_one_line(workdir, run_cli):
     assert run_cli("--export", "balltree", "--keras-model", "checkpoints/file_saved_by_notebook.hdf5",
                    "--labeled-data", "data/labeled.json", "--image-dir", "data", "--no-progress")[0] == 0

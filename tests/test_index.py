@@ -1,4 +1,5 @@
-"""The index: exact answers (checked against numpy), a safe on-disk format, refusal of anything tampered."""
+"""The index: exact answers (checked against numpy), approximate ones with their measured recall, a safe on-disk
+format, refusal of anything tampered."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 
+import siamese.index
 from siamese import atomic
 from siamese.catalog import load_catalog
 from siamese.embed import describe, embed_catalog, embed_images
@@ -31,12 +33,27 @@ def numpy_knn(gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndar
     return np.take_along_axis(d, order, axis=1), order
 
 
-def random_index(n=500, dim=16, backend="balltree", items=50, seed=0) -> Index:
+def random_index(n=500, dim=16, backend="balltree", items=50, seed=0, **settings) -> Index:
     ids = [f"item{i % items}" for i in range(n)]
-    return Index(unit_vectors(n, dim, seed), ids, [f"{i}.png" for i in range(n)], [["x"]] * n, backend=backend)
+    return Index(unit_vectors(n, dim, seed), ids, [f"{i}.png" for i in range(n)], [["x"]] * n, backend=backend,
+                 **settings)
 
 
-@pytest.mark.parametrize("backend", ["balltree", "brute"])
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth, strict=True)]))
+
+
+# every engine: exact ones, FAISS's exact flat index (below 100,000 rows) and IVF, hnswlib's graph
+ENGINES = {"balltree": {}, "brute": {}, "faiss-flat": {"backend": "faiss"},
+           "faiss-ivf": {"backend": "faiss", "nlist": 16}, "hnsw": {"backend": "hnsw"}}
+EXACT = ("balltree", "brute", "faiss-flat")
+
+
+def engine(name: str) -> dict:
+    return {"backend": name, **ENGINES[name]}
+
+
+@pytest.mark.parametrize("backend", ["balltree", "brute", "faiss"])
 def test_neighbours_equal_numpy_brute_force(backend):
     index = random_index(backend=backend)
     queries = unit_vectors(40, 16, seed=1)
@@ -47,6 +64,16 @@ def test_neighbours_equal_numpy_brute_force(backend):
     matches = index.search(queries[:1], k=7)[0]
     assert [m.row for m in matches] == list(want_i[0])
     np.testing.assert_allclose([m.similarity for m in matches], queries[0] @ index.embeddings[want_i[0]].T, atol=1e-5)
+
+
+def test_brute_search_of_many_rows_goes_block_by_block_and_stays_exact():
+    index = random_index(n=70_000, dim=8, backend="brute")  # 2 blocks of rows: one whole, a tail of 4,464
+    queries = unit_vectors(20, 8, seed=1)
+    for k in (1, 10, 300):
+        distances, indices = index.kneighbors(queries, k)
+        want_d, want_i = numpy_knn(index.embeddings, queries, k)
+        np.testing.assert_array_equal(indices, want_i)
+        np.testing.assert_allclose(distances, want_d, atol=1e-5)
 
 
 def test_k_equal_to_the_index_size_returns_every_row_and_more_is_refused():
@@ -81,8 +108,108 @@ def test_rows_must_be_finite_non_zero_and_match_their_metadata():
         Index(np.zeros((2, 3), np.float32), ["a", "b"], ["1", "2"], [[], []])
     with pytest.raises(SiameseError, match=r"one item, filename and labels per row \(2 rows\)\. Received: 1 items"):
         Index(unit_vectors(2, 3, 0), ["a"], ["1", "2"], [[], []])
-    with pytest.raises(SiameseError, match="Expected --index to be one of balltree, brute. Received: 'kd'"):
+    with pytest.raises(SiameseError, match="Expected --index to be one of balltree, brute, hnsw, faiss. Received: 'kd"):
         Index(unit_vectors(2, 3, 0), ["a", "b"], ["1", "2"], [[], []], backend="kd")
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_every_engine_agrees_with_numpy_on_2000_unit_vectors(name):
+    index = random_index(n=2000, dim=64, **engine(name), target_recall=0.995)
+    queries = unit_vectors(200, 64, seed=1)
+    distances, indices = index.kneighbors(queries, k=10)
+    want_d, want_i = numpy_knn(index.embeddings, queries, 10)
+    # the same convention everywhere: Euclidean distance between unit vectors, similarity = cosine
+    exact_d = np.linalg.norm(index.embeddings[indices] - queries[:, None], axis=2)
+    np.testing.assert_allclose(distances, exact_d, atol=1e-5)
+    if name in EXACT:
+        np.testing.assert_array_equal(indices, want_i)
+        np.testing.assert_allclose(distances, want_d, atol=1e-5)
+        assert index.recall_at_10 is None
+    else:
+        assert recall(indices, want_i) >= 0.99
+        assert index.recall_at_10 >= 0.995 and index.recall["queries"] == 200 and index.recall["held_out"]
+    matches = index.search(queries[:1], k=3)[0]
+    np.testing.assert_allclose([m.similarity for m in matches], queries[0] @ index.embeddings[indices[0, :3]].T,
+                               atol=1e-5)
+
+
+def test_faiss_picks_ivf_from_100000_rows_and_flat_below(monkeypatch):
+    assert siamese.index.FAISS_IVF_MIN_ROWS == 100_000
+    monkeypatch.setattr(siamese.index, "FAISS_IVF_MIN_ROWS", 1000)  # the same rule, at a size a test can afford
+    assert random_index(n=999, dim=8, backend="faiss").engine == "faiss IndexFlatIP (exact)"
+    index = random_index(n=1000, dim=8, backend="faiss")
+    assert index.params["type"] == "IndexIVFFlat" and index.params["nlist"] == int(4 * 1000**0.5) == 126
+    assert index.recall_at_10 >= 0.99 and index.recall["queries"] == 100
+    assert 1 <= index.params["nprobe"] <= 126
+
+
+def test_ef_and_nprobe_trade_recall_for_speed_and_are_checked():
+    queries = unit_vectors(100, 64, seed=1)
+    hnsw = random_index(n=2000, dim=64, backend="hnsw", hnsw_m=4, ef_construction=8)
+    ivf = random_index(n=2000, dim=64, backend="faiss", nlist=16)
+    truth = numpy_knn(hnsw.embeddings, queries, 10)[1]
+    assert recall(hnsw.kneighbors(queries, ef=1)[1], truth) < recall(hnsw.kneighbors(queries, ef=400)[1], truth)
+    assert recall(ivf.kneighbors(queries, nprobe=1)[1], truth) < 0.9
+    np.testing.assert_array_equal(ivf.kneighbors(queries, nprobe=16)[1], truth)  # every list: exact
+    assert [m.row for m in ivf.search(queries[:1], 3, nprobe=16)[0]] == list(truth[0, :3])
+    assert len(hnsw.search(queries[:2], 5, by_item=True, ef=20)[1]) == 5
+    cases = [
+        (hnsw, {"ef": 0}, r"Expected 1 <= --ef <= \d+ for this hnsw \(M 4, ef_construction 8, ef \d+\) index\. "
+                          "Received: 0"),
+        (ivf, {"nprobe": 17}, r"Expected 1 <= --nprobe <= 16 for this faiss IndexIVFFlat .*Received: 17"),
+        (hnsw, {"nprobe": 4}, r"Expected --nprobe only with a faiss index of at least 100,000 rows .*Received: "
+                              r"--nprobe 4 for a hnsw .*Fix: leave out --nprobe"),
+        (ivf, {"ef": 50}, r"Expected --ef only with an hnsw index\. Received: --ef 50 for a faiss IndexIVFFlat"),
+        (random_index(n=50, dim=64, backend="brute"), {"ef": 50}, "Expected --ef only with an hnsw index.*for a brute "
+                                                                  "index"),
+        (random_index(n=50, dim=64, backend="faiss"), {"nprobe": 2}, "--nprobe 2 for a faiss IndexFlatIP"),
+    ]
+    for index, knob, message in cases:
+        with pytest.raises(SiameseError, match=message):
+            index.kneighbors(queries, 3, **knob)
+    # given at build time: the default of queries, with its recall measured
+    assert random_index(n=2000, dim=64, backend="faiss", nlist=16, nprobe=16).recall_at_10 == 1.0
+    assert random_index(n=2000, dim=64, backend="hnsw", ef=1).params["ef"] == 1
+    with pytest.raises(SiameseError, match="Expected --nprobe only with a faiss index.*for a balltree index"):
+        random_index(n=50, backend="balltree", nprobe=4)
+
+
+def test_a_query_the_graph_cannot_answer_in_full_is_answered_exactly():
+    index = random_index(n=40, dim=16, backend="hnsw", hnsw_m=2, ef_construction=2)
+    queries = unit_vectors(5, 16, seed=1)
+    assert (index._engine.search(queries, 40, 1)[1] == -1).all()  # hnswlib found fewer than 40
+    np.testing.assert_array_equal(index.kneighbors(queries, k=40, ef=1)[1], numpy_knn(index.embeddings, queries, 40)[1])
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_every_engine_answers_alike_after_save_and_load(tmp_path, name):
+    index = random_index(n=2000, dim=32, **engine(name))
+    index.save(tmp_path)
+    loaded = Index.load(tmp_path)
+    queries = unit_vectors(50, 32, 1)
+    for want, got in zip(index.kneighbors(queries, 10), loaded.kneighbors(queries, 10), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert (loaded.backend, loaded.params, loaded.recall, loaded.engine) == (
+        index.backend, index.params, index.recall, index.engine)
+    settings = json.loads((tmp_path / "index.json").read_text())
+    assert settings["version"] == 2 and settings["engine"] == index.params
+    engine_files = sorted(p.suffix for p in tmp_path.glob("engine-*"))
+    assert engine_files == {"hnsw": [".hnsw"], "faiss-flat": [".faiss"], "faiss-ivf": [".faiss"]}.get(name, [])
+    if engine_files:
+        assert settings["files"]["engine"].endswith(engine_files[0]) and len(settings["files"]["engine_sha256"]) == 64
+
+
+def test_an_index_of_format_version_1_still_loads(tmp_path):
+    index = random_index(backend="balltree")
+    index.save(tmp_path)
+    settings = json.loads((tmp_path / "index.json").read_text())
+    for key in ("engine", "recall", "part"):
+        del settings[key]
+    (tmp_path / "index.json").write_text(json.dumps({**settings, "version": 1, "leaf_size": 40}))
+    loaded = Index.load(tmp_path)
+    assert loaded.backend == "balltree" and loaded.params == {"leaf_size": 40} and loaded.recall_at_10 is None
+    queries = unit_vectors(5, 16, 3)
+    np.testing.assert_array_equal(loaded.kneighbors(queries, 4)[1], index.kneighbors(queries, 4)[1])
 
 
 def test_save_and_load_round_trip_without_pickle(tmp_path):
@@ -127,6 +254,32 @@ def test_a_tampered_index_is_refused(tmp_path, name, change, message):
         Index.load(tmp_path)
 
 
+@pytest.mark.parametrize("backend", ["hnsw", "faiss"])
+def test_a_tampered_or_foreign_engine_file_is_refused(tmp_path, backend):
+    random_index(backend=backend).save(tmp_path / "idx")
+
+    def flip_a_byte(path):
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 1
+        path.write_bytes(bytes(data))
+
+    tamper(tmp_path / "idx", "engine", flip_a_byte)
+    with pytest.raises(SiameseError, match=rf"engine-\w+\.{backend} is missing or was modified after the index was "
+                                           r"written \(SHA-256 mismatch\)\. Fix: rebuild the index"):
+        Index.load(tmp_path / "idx")
+    # a whole, untampered engine file of another index, its hash written into index.json: refused by content
+    random_index(backend=backend).save(tmp_path / "idx")
+    random_index(n=400, backend=backend, seed=1).save(tmp_path / "other")
+    other = json.loads((tmp_path / "other" / "index.json").read_text())["files"]
+    settings = json.loads((tmp_path / "idx" / "index.json").read_text())
+    (tmp_path / "idx" / other["engine"]).write_bytes((tmp_path / "other" / other["engine"]).read_bytes())
+    settings["files"].update(engine=other["engine"], engine_sha256=other["engine_sha256"])
+    (tmp_path / "idx" / "index.json").write_text(json.dumps(settings))
+    with pytest.raises(SiameseError, match=r"engine-\w+\.\w+ does not agree with the embeddings: it holds 400.* not "
+                                           r"the 500 .*rows .*that index.json records"):
+        Index.load(tmp_path / "idx")
+
+
 class _Exploit:
     def __reduce__(self):
         return (open, ("/tmp/siamese-pickle-ran", "w"))
@@ -147,7 +300,7 @@ def test_a_pickle_in_place_of_the_embeddings_is_never_unpickled(tmp_path):
         (None, "is not an index: no index.json"),
         ("{not json", "index.json is malformed"),
         (json.dumps({"format": "other", "version": 1, "files": {"embeddings": "e", "rows": "r"}, "rows": 1, "dim": 1}),
-         "expected format siamese-index version 1, found 'other'"),
+         "expected format siamese-index version 1 or 2, found 'other'"),
     ],
 )
 def test_a_folder_that_is_not_an_index_is_refused(tmp_path, write, message):
