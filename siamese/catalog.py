@@ -81,13 +81,7 @@ class Catalog:
     def slice_images(self, start: int, stop: int) -> Catalog:
         """The catalog of images `start` to `stop` (excluded) of `filenames`; items cut at either end keep their
         id and labels, with their images inside the range."""
-        items, first = [], 0
-        for item in self.items:
-            kept = item.filenames[max(start - first, 0) : max(stop - first, 0)]
-            if kept:
-                items.append(Item(item.id, kept, item.labels))
-            first += len(item.filenames)
-        return Catalog(tuple(items), self.image_dir)
+        return self.without_images({*self.filenames[:start], *self.filenames[stop:]})
 
     def digest(self) -> str:
         """SHA-256 of the catalog's content (ids, filenames, labels), independent of key order."""

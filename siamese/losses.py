@@ -64,14 +64,16 @@ class TripletLoss(_MarginLoss):
 
 
 def _batch_pairs(y_true, embeddings):
-    """The relations `(b, b)` and squared Euclidean distances `(b, b)` among a batch's rows (see
-    `batch_contrastive_loss` for `y_true`)."""
+    """Among a batch's rows (see `batch_contrastive_loss` for `y_true`): the positive-pair mask, the
+    negative-pair mask and the squared Euclidean distances, each `(b, b)` float32."""
     y = ops.cast(y_true, "float32")
     e = ops.cast(embeddings, "float32")
     relation = ops.take(y[:, 1:], ops.cast(y[:, 0], "int32"), axis=1)  # (b, b): the rows among themselves
     norms = ops.sum(ops.square(e), axis=1)
     squared = ops.maximum(norms[:, None] + norms[None, :] - 2.0 * ops.matmul(e, ops.transpose(e)), 1e-9)
-    return relation, squared
+    positive = ops.cast(ops.equal(relation, 1.0), "float32")
+    negative = ops.cast(ops.equal(relation, 0.0), "float32")
+    return positive, negative, squared
 
 
 def _active_mean(cost, mask):
@@ -93,9 +95,7 @@ def batch_contrastive_loss(y_true, embeddings, margin: float = 1.0):
     apart add nothing and are not counted, so the loss does not fade as most pairs become easy). A batch
     without a kind of pair adds 0 for it.
     """
-    relation, squared = _batch_pairs(y_true, embeddings)
-    positive = ops.cast(ops.equal(relation, 1.0), "float32")
-    negative = ops.cast(ops.equal(relation, 0.0), "float32")
+    positive, negative, squared = _batch_pairs(y_true, embeddings)
     pulled = ops.sum(positive * squared) / ops.maximum(ops.sum(positive), 1.0)
     return pulled + _active_mean(ops.square(ops.maximum(margin - ops.sqrt(squared), 0.0)), negative)
 
@@ -107,9 +107,7 @@ def batch_triplet_loss(y_true, embeddings, margin: float = 1.0):
     `max(d(a, p)^2 - d(a, n)^2 + margin, 0)`; the loss is the mean over the triplets that cost something.
     `y_true` as in `batch_contrastive_loss`.
     """
-    relation, squared = _batch_pairs(y_true, embeddings)
-    positive = ops.cast(ops.equal(relation, 1.0), "float32")
-    negative = ops.cast(ops.equal(relation, 0.0), "float32")
+    positive, negative, squared = _batch_pairs(y_true, embeddings)
     cost = ops.maximum(squared[:, :, None] - squared[:, None, :] + margin, 0.0)  # (anchor, positive, negative)
     return _active_mean(cost, positive[:, :, None] * negative[:, None, :])
 
