@@ -13,6 +13,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from siamese.config import Backbone, get_backbone
 from siamese.errors import SiameseError
@@ -29,7 +30,8 @@ def _small_cnn(inputs, filters=(16, 32, 64)):
     for n, f in enumerate(filters):
         for k in range(2):
             x = keras.layers.Conv2D(f, 3, padding="same", use_bias=False, name=f"block{n}_conv{k}")(x)
-            x = keras.layers.BatchNormalization(name=f"block{n}_bn{k}")(x)
+            # synchronized: under tf.distribute the statistics are the whole batch's, as on one device
+            x = keras.layers.BatchNormalization(synchronized=True, name=f"block{n}_bn{k}")(x)
             x = keras.layers.ReLU(name=f"block{n}_relu{k}")(x)
         x = keras.layers.MaxPooling2D(name=f"block{n}_pool")(x) if n < len(filters) - 1 else x
     return keras.layers.GlobalAveragePooling2D(name="pool")(x)
@@ -115,6 +117,42 @@ def build_siamese(embedding: keras.Model) -> keras.Model:
     b = keras.Input(shape, dtype="uint8", name="image_b")
     distance = EuclideanDistance(name="distance")([embedding(a), embedding(b)])
     return keras.Model([a, b], distance, name="siamese")
+
+
+class BatchAll(keras.Model):
+    """The embedding network wrapped for a batch-all loss, which sees the whole batch on every replica.
+
+    Under `tf.distribute` each replica embeds its share of a batch; the embeddings and labels of all shares
+    are gathered before the loss (the gradient flows back to each share), so N replicas train exactly like
+    one device given the same batch.
+    """
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return super().compute_loss(x, y, y_pred, sample_weight, training)
+        y, y_pred = _all_gather(context, y), _all_gather(context, y_pred)
+        # every replica holds the whole batch's loss and the replicas' gradients are summed: each counts 1/N
+        # (Keras divides per-sample losses by N itself, but leaves a scalar loss like this one as it is)
+        return super().compute_loss(x, y, y_pred, sample_weight, training) / context.num_replicas_in_sync
+
+
+def _all_gather(context: tf.distribute.ReplicaContext, x: tf.Tensor) -> tf.Tensor:
+    """Every replica's `x` (equal shapes), in replica order, as a sum of zero-padded shares.
+
+    `ReplicaContext.all_gather` fails under MultiWorkerMirroredStrategy on the CPU ("destinations can not
+    be empty": its tensors carry no device); `all_reduce` works everywhere, is exact (adding zeros) and
+    sends each replica the gradient of its own share.
+    """
+    me = context.replica_id_in_sync_group
+    shares = [x * tf.cast(tf.equal(me, i), x.dtype) for i in range(context.num_replicas_in_sync)]
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat(shares, axis=0))
+
+
+def build_batch_all(embedding: keras.Model) -> keras.Model:
+    """uint8 images in, their embeddings out: for the batch-all losses (`siamese.losses.batch_*`)."""
+    images = keras.Input(embedding.input_shape[1:], dtype="uint8", name="images")
+    return BatchAll(images, embedding(images), name="batch_all")
 
 
 def build_triplet(embedding: keras.Model) -> keras.Model:

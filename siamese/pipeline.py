@@ -132,6 +132,15 @@ def image_dataset(
     )
 
 
+def _rows(shard: tuple[int, int], batch_size: int) -> tuple[int, int]:
+    """The rows `[lo, hi)` of a batch of `batch_size` that share `shard = (i, n)` takes (`(0, 1)`: all)."""
+    i, n = shard
+    if not 0 <= i < n or batch_size % n:
+        raise SiameseError(f"Expected shard (i, n) with 0 <= i < n and n dividing the batch size {batch_size}. "
+                           f"Received: {shard}")
+    return i * batch_size // n, (i + 1) * batch_size // n
+
+
 def steps_per_epoch(pairs_per_epoch: int, batch_size: int) -> int:
     """Whole batches per epoch: `pairs_per_epoch` rounded up to a multiple of `batch_size`."""
     if batch_size < 1:
@@ -152,6 +161,7 @@ def pair_dataset(
     images: np.ndarray | None = None,
     workers: int | None = None,
     triplets: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> tf.data.Dataset:
     """An endless stream of batches `((images_a, images_b), same)`, epoch after epoch from `start_epoch`.
 
@@ -160,11 +170,13 @@ def pair_dataset(
     Images are uint8; `same` is float32 (1 = same item). With `triplets=True` the batches are
     `((anchors, positives, negatives), zeros)` from `sampler.triplets`. With `cache="none"` each image is
     decoded from its file by `workers` processes (default `usable_cpus()`); otherwise batches are gathered
-    from `images` (or `decoded_images(...)`).
+    from `images` (or `decoded_images(...)`). `shard = (i, n)` keeps the i-th of n equal slices of every
+    batch (one replica's share under `tf.distribute`; default all), loading only those images.
     """
     _check_cache(cache)
     per_epoch = steps_per_epoch(pairs_per_epoch, batch_size) * batch_size
     k = 3 if triplets else 2
+    lo, hi = _rows(shard, batch_size)
 
     def draw(epoch):
         if triplets:
@@ -187,6 +199,7 @@ def pair_dataset(
         tf.data.Dataset.counter(start_epoch)
         .flat_map(epoch_draw)
         .batch(batch_size)
+        .map(lambda *batch: tuple(t[lo:hi] for t in batch))
         .map(load_images, num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )
@@ -203,6 +216,7 @@ def batch_dataset(
     cache: Cache = "none",
     images: np.ndarray | None = None,
     workers: int | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> tf.data.Dataset:
     """An endless stream of batches `(images, relations)` for batch-all training, epoch after epoch.
 
@@ -210,10 +224,12 @@ def batch_dataset(
     `batch_size` uint8 images, `images_per_item` of each item drawn. `relations` is float32
     `(batch_size, 1 + batch_size)`, what `losses.batch_contrastive_loss` takes: each image's position in the
     batch, then `sampler.relations` of the batch (1 same item, 0 negative pair, -1 no pair). A resumed run
-    sees the same batches; images are decoded or gathered as in `pair_dataset`.
+    sees the same batches; images are decoded or gathered as in `pair_dataset`. `shard = (i, n)` keeps the
+    i-th of n equal slices of every batch's rows (positions and relations stay those of the whole batch).
     """
     _check_cache(cache)
     steps = steps_per_epoch(images_per_epoch, batch_size)
+    lo, hi = _rows(shard, batch_size)
     sampler.batches(0, 1, batch_size, images_per_item)  # bad settings fail here, not inside tf.data
 
     def draw(epoch):
@@ -226,13 +242,13 @@ def batch_dataset(
     load = _batch_loader(sampler.catalog, image_size, cache, images, workers)
 
     def load_batch(indices):
-        position = np.arange(len(indices), dtype=np.float32)[:, None]
-        return load(indices), np.hstack([position, sampler.relations(indices)])
+        position = np.arange(lo, hi, dtype=np.float32)[:, None]
+        return load(indices[lo:hi]), np.hstack([position, sampler.relations(indices)[lo:hi]])
 
     def load_images(indices):
         x, y = tf.numpy_function(load_batch, [indices], (tf.uint8, tf.float32), stateful=False)
-        return (tf.ensure_shape(x, (batch_size, image_size, image_size, 3)),
-                tf.ensure_shape(y, (batch_size, batch_size + 1)))
+        return (tf.ensure_shape(x, (hi - lo, image_size, image_size, 3)),
+                tf.ensure_shape(y, (hi - lo, batch_size + 1)))
 
     return (
         tf.data.Dataset.counter(start_epoch)

@@ -24,11 +24,12 @@ import tensorflow as tf
 from siamese import __version__, atomic
 from siamese.catalog import Catalog, load_catalog, split_by_item
 from siamese.config import TrainConfig
+from siamese.distribute import cluster, distribute_batches, training_strategy, worker_path
 from siamese.errors import SiameseError
 from siamese.evaluate import precision_at_1
 from siamese.images import check_images
 from siamese.losses import BatchContrastiveLoss, BatchTripletLoss, ContrastiveLoss, TripletLoss
-from siamese.models import build_embedding, build_siamese, build_triplet
+from siamese.models import build_batch_all, build_embedding, build_siamese, build_triplet
 from siamese.pairs import PairSampler
 from siamese.pipeline import batch_dataset, decoded_images, pair_dataset, steps_per_epoch
 
@@ -84,8 +85,8 @@ class RetrievalMetrics(keras.callbacks.Callback):
         self.embedding, self.images, self.items, self.batch_size = embedding, images, items, batch_size
 
     def on_epoch_end(self, epoch, logs=None):
-        # predict_on_batch: no tf.data pipeline is built for an in-memory array, so nothing to set up each epoch
-        vectors = np.concatenate([self.embedding.predict_on_batch(self.images[i : i + self.batch_size])
+        # a plain call, outside any tf.distribute strategy: every worker measures all images on its own
+        vectors = np.concatenate([keras.ops.convert_to_numpy(self.embedding(self.images[i : i + self.batch_size]))
                                   for i in range(0, len(self.images), self.batch_size)])
         logs["val_precision_at_1"] = precision_at_1(vectors, self.items)
 
@@ -161,23 +162,30 @@ def _sample_images(catalog: Catalog, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
 
 
-def _stream(config: TrainConfig, sampler: PairSampler, per_epoch: int, *, start_epoch: int = 0, cache: str = "memory",
-            images: np.ndarray | None = None) -> tf.data.Dataset:
-    """The endless training input of `config.mining` and `config.loss`: pairs, triplets or P x K batches."""
-    if config.mining == "batch-all":
-        return batch_dataset(sampler, config.image_size, batch_size=config.batch_size,
-                             images_per_item=config.images_per_item, images_per_epoch=per_epoch,
-                             start_epoch=start_epoch, cache=cache, images=images)
-    return pair_dataset(sampler, config.image_size, batch_size=config.batch_size, pairs_per_epoch=per_epoch,
-                        start_epoch=start_epoch, cache=cache, images=images, triplets=config.loss == "triplet")
+def _stream(config: TrainConfig, strategy: tf.distribute.Strategy, sampler: PairSampler, per_epoch: int, *,
+            start_epoch: int = 0, cache: str = "memory", images: np.ndarray | None = None, steps: int | None = None):
+    """The endless training input of `config.mining` and `config.loss` (pairs, triplets or P x K batches),
+    distributed for `strategy`; with `steps`, the first `steps` batches over and over."""
+
+    def shard(shard: tuple[int, int]) -> tf.data.Dataset:
+        if config.mining == "batch-all":
+            stream = batch_dataset(sampler, config.image_size, batch_size=config.batch_size,
+                                   images_per_item=config.images_per_item, images_per_epoch=per_epoch,
+                                   start_epoch=start_epoch, cache=cache, images=images, shard=shard)
+        else:
+            stream = pair_dataset(sampler, config.image_size, batch_size=config.batch_size, pairs_per_epoch=per_epoch,
+                                  start_epoch=start_epoch, cache=cache, images=images,
+                                  triplets=config.loss == "triplet", shard=shard)
+        return stream if steps is None else stream.take(steps).repeat()
+
+    return distribute_batches(strategy, config.batch_size, shard)
 
 
 def _training_model(config: TrainConfig, embedding: keras.Model) -> tuple[keras.Model, keras.losses.Loss]:
     """The model `fit` trains around `embedding` (which alone is saved) and its loss."""
     if config.mining == "batch-all":
-        images = keras.Input(embedding.input_shape[1:], dtype="uint8", name="images")
         loss = BatchTripletLoss(config.margin) if config.loss == "triplet" else BatchContrastiveLoss(config.margin)
-        return keras.Model(images, embedding(images), name="batch_all"), loss
+        return build_batch_all(embedding), loss
     if config.loss == "triplet":
         return build_triplet(embedding), TripletLoss(config.margin)
     return build_siamese(embedding), ContrastiveLoss(config.margin)
@@ -191,8 +199,8 @@ def _learning_rate(config: TrainConfig, steps: int):
     return config.learning_rate
 
 
-def _validation(config: TrainConfig, val_catalog: Catalog, embedding: keras.Model, cache: str,
-                progress: bool) -> tuple[list[keras.callbacks.Callback], tf.data.Dataset | None, int | None]:
+def _validation(config: TrainConfig, strategy: tf.distribute.Strategy, val_catalog: Catalog, embedding: keras.Model,
+                cache: str, progress: bool) -> tuple[list, tf.data.Dataset | None, int | None]:
     """The precision@1 callback and the fixed validation pairs (triplets, batches) with their step count.
 
     Nothing without validation items; no pair loss when the held-out items cannot form both kinds of pair
@@ -211,15 +219,19 @@ def _validation(config: TrainConfig, val_catalog: Catalog, embedding: keras.Mode
     except SiameseError:
         return [metrics], None, None
     steps = steps_per_epoch(config.val_pairs, config.batch_size)
-    # take + repeat: the same validation pairs every epoch, so val_loss is comparable across epochs
-    pairs = _stream(config, sampler, config.val_pairs, images=images).take(steps).repeat()
-    return [metrics], pairs, steps
+    # the same validation pairs every epoch, so val_loss is comparable across epochs
+    return [metrics], _stream(config, strategy, sampler, config.val_pairs, images=images, steps=steps), steps
 
 
 def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
     """Train an embedding network as `config` says; see the module docstring. `verbose` goes to `fit`."""
     config = config.resolved()
-    out = Path(config.out)
+    keras.utils.set_random_seed(config.seed)
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        tf.config.experimental.enable_op_determinism()
+    strategy = training_strategy(gpus)
+    out = worker_path(config.out, strategy)
     backup_dir = sidecar(out, "backup")
     backup_config = backup_dir / "config.json"
     if backup_config.exists() and json.loads(backup_config.read_text()) != config.to_dict():
@@ -238,11 +250,6 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
         train_catalog, val_catalog = split_by_item(catalog, config.val_fraction, config.seed)
     sampler = PairSampler(train_catalog, seed=config.seed)
 
-    keras.utils.set_random_seed(config.seed)
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        tf.config.experimental.enable_op_determinism()
-    strategy = tf.distribute.MirroredStrategy() if gpus else tf.distribute.get_strategy()
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_float16" if gpus else "float32")
     try:
@@ -253,18 +260,21 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
         start_epoch = backup.saved_epoch()
         if config.loss == "triplet":
             sampler.triplets(0, 2)  # a catalog that cannot give triplets fails here, not inside fit
-        stream = _stream(config, sampler, config.pairs_per_epoch, start_epoch=start_epoch, cache=cache,
+        stream = _stream(config, strategy, sampler, config.pairs_per_epoch, start_epoch=start_epoch, cache=cache,
                          images=train_images)
         steps = steps_per_epoch(config.pairs_per_epoch, config.batch_size)
 
         with strategy.scope():
             embedding = build_embedding(config.backbone, size, config.embedding_dim, config.weights,
                                         config.trainable_layers)
-            model, loss = _training_model(config, embedding)
+        # The wrapper (no weights of its own) is made outside the scope and compiled and fitted inside it:
+        # Keras 3 cannot build a model made inside a MultiWorkerMirroredStrategy scope (keras-team/keras#20585).
+        model, loss = _training_model(config, embedding)
+        with strategy.scope():
             model.compile(optimizer=keras.optimizers.Adam(_learning_rate(config, steps * config.epochs)), loss=loss,
                           jit_compile="auto" if gpus else False)
 
-        metrics, validation, val_steps = _validation(config, val_catalog, embedding, cache, progress)
+        metrics, validation, val_steps = _validation(config, strategy, val_catalog, embedding, cache, progress)
         monitor, mode = ("val_precision_at_1", "max") if metrics else ("loss", "min")
         checkpoint = BestCheckpoint(embedding, out, monitor, mode, backup_dir / "best.json", start_epoch)
         callbacks = [*metrics, checkpoint, backup]  # epoch ends run in this order: measure, keep the best, back up
@@ -276,6 +286,7 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
             "seed": config.seed,
             "versions": _versions(),
             "devices": [d.name for d in gpus] or ["CPU"],
+            "cluster": cluster(),
             "precision": keras.mixed_precision.global_policy().name,
             "cache": cache,
             "catalog": {"labeled_data": str(config.labeled_data), "sha256": catalog.digest(),
@@ -284,8 +295,9 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
                       "val_items": [i.id for i in val_catalog.items]},
             "resumed_from_epoch": start_epoch,
         }
-        model.fit(stream, epochs=config.epochs, steps_per_epoch=steps, validation_data=validation,
-                  validation_steps=val_steps, shuffle=False, callbacks=callbacks, verbose=verbose)
+        with strategy.scope():
+            model.fit(stream, epochs=config.epochs, steps_per_epoch=steps, validation_data=validation,
+                      validation_steps=val_steps, shuffle=False, callbacks=callbacks, verbose=verbose)
     finally:
         keras.mixed_precision.set_global_policy(policy)
 

@@ -113,3 +113,23 @@ def test_batch_stream_holds_the_sampled_batches_and_their_relations_and_resumes(
                            start_epoch=1)
     for (x, y), (want_x, want_y) in zip(cached.take(3), got[3:], strict=True):
         assert (x.numpy() == want_x).all() and (y.numpy() == want_y).all()
+
+
+def test_the_shards_of_a_stream_are_the_slices_of_its_batches_in_order(catalog):
+    sampler = PairSampler(catalog, seed=7)
+    whole = [(x.numpy(), y.numpy()) for x, y in batch_dataset(sampler, 8, batch_size=12, images_per_epoch=24).take(3)]
+    shards = [[(x.numpy(), y.numpy()) for x, y in batch_dataset(sampler, 8, batch_size=12, images_per_epoch=24,
+                                                                  shard=(i, 3)).take(3)] for i in range(3)]
+    for b, (x, y) in enumerate(whole):
+        assert (np.concatenate([s[b][0] for s in shards]) == x).all()
+        assert (np.concatenate([s[b][1] for s in shards]) == y).all()  # positions and relations: the whole batch's
+        assert shards[2][b][1].shape == (4, 13) and (shards[2][b][1][:, 0] == [8, 9, 10, 11]).all()
+    pairs = take(pair_dataset(sampler, 8, batch_size=6, pairs_per_epoch=12), 2)
+    halves = [take(pair_dataset(sampler, 8, batch_size=6, pairs_per_epoch=12, shard=(i, 2)), 2) for i in range(2)]
+    for b, (a, other, same) in enumerate(pairs):
+        for n, want in enumerate((a, other, same)):
+            assert (np.concatenate([h[b][n] for h in halves]) == want).all()
+    with pytest.raises(SiameseError, match=r"n dividing the batch size 12. Received: \(0, 5\)"):
+        batch_dataset(sampler, 8, batch_size=12, shard=(0, 5))
+    with pytest.raises(SiameseError, match=r"0 <= i < n .* Received: \(2, 2\)"):
+        pair_dataset(sampler, 8, batch_size=12, shard=(2, 2))
