@@ -5,7 +5,7 @@
 1. make-dataset writes the 60,000 training and 10,000 test images as PNG files (once, under --work).
 2. `utilities.py train` trains small_cnn with the default settings (batch-all contrastive loss, cosine
    learning rate) on the training catalog (no validation split: every class is an item, so the run keeps
-   its lowest-loss epoch), timed.
+   its last epoch), timed.
 3. precision@1 of the 10,000 test images against the 60,000 training embeddings (nearest neighbour's
    class), beside the same figure on raw pixels.
 4. Training images per second with batches decoded from the PNG files versus gathered from cached tensors,

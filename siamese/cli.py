@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", default=d.loss, choices=LOSSES,
                    help=f"contrastive on pairs, or triplet on (anchor, positive, negative) triplets (default {d.loss})")
     p.add_argument("--margin", type=float, default=d.margin, help=f"contrastive margin (default {d.margin})")
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate, help=f"Adam (default {d.learning_rate})")
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate,
+                   help="Adam's (default: 0.003 for small_cnn, 0.001 for pretrained backbones)")
     p.add_argument("--lr-schedule", default=d.lr_schedule, choices=TrainConfig.LR_SCHEDULES,
                    help=f"constant, or cosine decay to 0 over the run (default {d.lr_schedule})")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction,
@@ -348,8 +349,12 @@ def _train(args: argparse.Namespace) -> int:
     from siamese.train import sidecar, train
 
     result = train(config, verbose=2 if args.no_progress else "auto")
-    best = "n/a" if result.best is None else f"{result.best:.4f}"
-    print(f"Best {result.monitor} {best} at epoch {result.best_epoch}: {result.checkpoint}")
+    value = "n/a" if result.best is None else f"{result.best:.4f}"
+    if result.monitor == "loss":
+        print(f"Nothing held out to choose by: the last epoch's model (epoch {result.best_epoch}, loss {value}): "
+              f"{result.checkpoint}")
+    else:
+        print(f"Best {result.monitor} {value} at epoch {result.best_epoch}: {result.checkpoint}")
     print(f"Settings: {sidecar(result.checkpoint, 'config')}; manifest: {sidecar(result.checkpoint, 'manifest')}; "
           f"history: {sidecar(result.checkpoint, 'history')}")
     return 0

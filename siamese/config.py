@@ -79,7 +79,7 @@ class TrainConfig:
     mining: str = "batch-all"  # see MININGS
     images_per_item: int = 4  # K of a P x K batch with mining="batch-all"
     margin: float = 1.0
-    learning_rate: float = 1e-3
+    learning_rate: float | None = None  # Adam's: 3e-3 for small_cnn (from scratch), 1e-3 for pretrained backbones
     lr_schedule: str = "cosine"  # see LR_SCHEDULES
     val_fraction: float = 0.2
     seed: int = 0
@@ -104,9 +104,12 @@ class TrainConfig:
         if self.mining == "batch-all" and (self.images_per_item < 2 or self.batch_size < self.images_per_item):
             raise SiameseError(f"Expected 2 <= --images-per-item <= --batch-size with --mining batch-all. Received: "
                                f"{self.images_per_item} and {self.batch_size}")
-        if self.margin <= 0 or self.learning_rate <= 0:
+        learning_rate = self.learning_rate
+        if learning_rate is None:
+            learning_rate = 3e-3 if spec.application is None else 1e-3
+        if self.margin <= 0 or learning_rate <= 0:
             raise SiameseError(
-                f"Expected --margin and --learning-rate > 0. Received: {self.margin} and {self.learning_rate}"
+                f"Expected --margin and --learning-rate > 0. Received: {self.margin} and {learning_rate}"
             )
         if self.lr_schedule not in self.LR_SCHEDULES:
             raise SiameseError(f"Expected --lr-schedule to be one of {', '.join(self.LR_SCHEDULES)}. "
@@ -116,7 +119,8 @@ class TrainConfig:
         weights = self.weights
         if weights == "auto":
             weights = "none" if spec.application is None else "imagenet"
-        return dataclasses.replace(self, weights=weights, image_size=self.image_size or spec.image_size)
+        return dataclasses.replace(self, weights=weights, image_size=self.image_size or spec.image_size,
+                                   learning_rate=learning_rate)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

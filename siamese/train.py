@@ -92,7 +92,8 @@ class RetrievalMetrics(keras.callbacks.Callback):
 
 
 class BestCheckpoint(keras.callbacks.Callback):
-    """Saves the embedding network atomically whenever `monitor` improves; keeps the per-epoch history.
+    """Saves the embedding network atomically whenever `monitor` improves (`mode` max or min), or after every
+    epoch (`mode` last); keeps the per-epoch history.
 
     Its state (best value, history) lives in the backup folder, so a resumed run compares against the best
     of the epochs before the crash. At the end the history is written beside the checkpoint.
@@ -114,7 +115,7 @@ class BestCheckpoint(keras.callbacks.Callback):
         self.history.append({"epoch": epoch + 1, **logs})
         value = logs.get(self.monitor)
         if value is not None and math.isfinite(value) and (
-            self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+            self.best is None or self.mode == "last" or (value > self.best if self.mode == "max" else value < self.best)
         ):
             self.best, self.best_epoch = value, epoch + 1
             with atomic.atomic_path(self.path, suffix=self.path.suffix) as tmp:
@@ -275,7 +276,9 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
                           jit_compile="auto" if gpus else False)
 
         metrics, validation, val_steps = _validation(config, strategy, val_catalog, embedding, cache, progress)
-        monitor, mode = ("val_precision_at_1", "max") if metrics else ("loss", "min")
+        # Nothing held out: the last epoch. A batch-all loss is the mean over the pairs still inside the margin,
+        # which grows harder as training goes, so epochs' losses do not say which model is best.
+        monitor, mode = ("val_precision_at_1", "max") if metrics else ("loss", "last")
         checkpoint = BestCheckpoint(embedding, out, monitor, mode, backup_dir / "best.json", start_epoch)
         callbacks = [*metrics, checkpoint, backup]  # epoch ends run in this order: measure, keep the best, back up
 

@@ -32,7 +32,7 @@ def train_command(digits, out, mining: str) -> list[str]:
     return [sys.executable, "utilities.py", "train", "--labeled-data", str(digits / "train.json"),
             "--image-dir", str(digits), "--out", str(out), "--epochs", "3", "--image-size", "16",
             "--batch-size", "32", "--pairs-per-epoch", "32", "--val-pairs", "128", "--embedding-dim", "16",
-            "--mining", mining, "--no-progress"]
+            "--mining", mining, "--learning-rate", "0.001", "--no-progress"]
 
 
 def environment(cache_dir, tf_config: dict | None = None) -> dict:
@@ -62,12 +62,13 @@ def test_two_workers_agree_and_train_like_one_worker_with_the_same_global_batch(
                            env=environment(cache_dir))
     assert alone.returncode == 0, alone.stderr[-3000:]
 
-    # One step per epoch: each epoch's loss is one global batch's, the same as on one worker (float32 sums
-    # in another order aside, which Adam's first steps amplify in the weights: hence atol 1e-4, not 1e-7).
+    # One step per epoch: each epoch's loss is one global batch's, the same as on one worker: to float32
+    # precision for the first two steps, then float sums in another order drift apart (Adam amplifies them)
     histories = [json.loads(sidecar(p, "history").read_text()) for p in (multi, single)]
     assert len(histories[0]) == 3
+    np.testing.assert_allclose([h["loss"] for h in histories[0][:2]], [h["loss"] for h in histories[1][:2]], rtol=1e-6)
     for key in ("loss", "val_loss", "val_precision_at_1"):
-        np.testing.assert_allclose([h[key] for h in histories[0]], [h[key] for h in histories[1]], rtol=1e-4)
+        np.testing.assert_allclose([h[key] for h in histories[0]], [h[key] for h in histories[1]], rtol=1e-3)
     chief, worker, one = (keras.saving.load_model(p) for p in (multi, tmp_path / ".worker-1" / "multi.keras", single))
     for a, b, c in zip(chief.weights, worker.weights, one.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())  # the workers hold the same weights

@@ -132,7 +132,7 @@ def test_training_runs_the_image_check_first(tmp_path):
             write_image(tmp_path / f"{item}{k}.png", color=(80 * k, 40, 200 if item == "a" else 0))
     (tmp_path / "c2.png").write_bytes(b"broken")
     path = write_catalog(tmp_path, {i: {"images": [{"filename": f"{i}{k}.png"} for k in range(3)]} for i in "abc"})
-    config = TrainConfig(labeled_data=str(path), image_dir=str(tmp_path), out=str(tmp_path / "m.keras"), epochs=1,
+    config = TrainConfig(labeled_data=str(path), image_dir=str(tmp_path), out=str(tmp_path / "m.keras"), epochs=2,
                          val_fraction=0.0, **FAST)
     with pytest.raises(BadImagesError, match="item 'c': c2.png: not an image"):
         train(config, verbose=0)
@@ -140,7 +140,9 @@ def test_training_runs_the_image_check_first(tmp_path):
     config.on_bad_image = "skip"
     with pytest.warns(UserWarning, match="Skipping 1 image"):
         result = train(config, verbose=0)
-    assert result.monitor == "loss" and result.checkpoint.exists()  # no validation items: the best training loss
+    # no validation items: the last epoch's model (a batch-all loss does not compare across epochs)
+    assert result.monitor == "loss" and result.best_epoch == 2 and result.best == result.history[-1]["loss"]
+    assert result.checkpoint.exists()
 
 
 @pytest.mark.parametrize(
