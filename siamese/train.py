@@ -168,7 +168,7 @@ def _stream(config: TrainConfig, strategy: tf.distribute.Strategy, sampler: Pair
     """The endless training input of `config.mining` and `config.loss` (pairs, triplets or P x K batches),
     distributed for `strategy`; with `steps`, the first `steps` batches over and over."""
 
-    def shard(shard: tuple[int, int]) -> tf.data.Dataset:
+    def share(shard: tuple[int, int]) -> tf.data.Dataset:
         if config.mining == "batch-all":
             stream = batch_dataset(sampler, config.image_size, batch_size=config.batch_size,
                                    images_per_item=config.images_per_item, images_per_epoch=per_epoch,
@@ -179,7 +179,7 @@ def _stream(config: TrainConfig, strategy: tf.distribute.Strategy, sampler: Pair
                                   triplets=config.loss == "triplet", shard=shard)
         return stream if steps is None else stream.take(steps).repeat()
 
-    return distribute_batches(strategy, config.batch_size, shard)
+    return distribute_batches(strategy, config.batch_size, share)
 
 
 def _training_model(config: TrainConfig, embedding: keras.Model) -> tuple[keras.Model, keras.losses.Loss]:
