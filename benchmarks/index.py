@@ -5,8 +5,9 @@ N unit vectors of 128 dimensions (independent random ones by default, the hardes
 queries of the same kind, k = 10, every usable CPU. Engines: siamese's `balltree`, `brute`, `hnsw` and `faiss`
 backends with their defaults (hnsw and faiss choose their query-time ef / nprobe at build time for recall@10
 >= 0.99 on held-out rows), beside FAISS's exact flat index as the reference. Each engine runs in a fresh
-process, whose peak resident memory is reported: building and querying from an array in memory ("build peak"),
-and loading the saved index and querying it ("serve peak"). Index MiB: the saved embeddings and engine files.
+process, whose peak resident memory is reported: building from the embeddings memory-mapped from a .npy file,
+as an index of a million images is built, and querying ("build peak"), and loading the saved index and
+querying it ("serve peak"). Index MiB: the saved embeddings and engine files.
 Recall@10 is measured on the queries against an exact float64 search. Queries/s: the best of 3 runs, or of one
 when they take over 20 s; an engine whose 1,000 queries would take over a minute answers as many as fit in one.
 Figures go in README.md.
@@ -21,6 +22,7 @@ import multiprocessing
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,18 +31,29 @@ ENGINES = ("balltree", "brute", "hnsw", "faiss", "faiss-flat")
 """siamese's backends, and faiss-flat: FAISS's IndexFlatL2 used directly, the reference."""
 
 
-def unit_vectors(n: int, dim: int, seed: int, intrinsic: int = 0) -> np.ndarray:
+def unit_vector_blocks(n: int, dim: int, seed: int, intrinsic: int = 0) -> Iterator[np.ndarray]:
     """`n` unit vectors, made 64K at a time in float32 (no float64 copy of the whole)."""
     rng = np.random.default_rng(seed)
     basis = np.random.default_rng(1234).standard_normal((intrinsic, dim), dtype=np.float32) if intrinsic else None
-    out = np.empty((n, dim), np.float32)
     for start in range(0, n, 1 << 16):
         rows = min(1 << 16, n - start)
         x = rng.standard_normal((rows, dim), dtype=np.float32)
         if basis is not None:
             x = rng.standard_normal((rows, intrinsic), dtype=np.float32) @ basis + 0.1 * np.sqrt(intrinsic) * x
-        out[start : start + rows] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return out
+        yield x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def unit_vectors(n: int, dim: int, seed: int, intrinsic: int = 0) -> np.ndarray:
+    return np.concatenate(list(unit_vector_blocks(n, dim, seed, intrinsic)))
+
+
+def mapped_unit_vectors(path: Path, n: int, dim: int, seed: int, intrinsic: int = 0) -> np.ndarray:
+    """`unit_vectors(...)` written to the .npy file `path` a block at a time, memory-mapped read-only."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (n, dim)})
+        for block in unit_vector_blocks(n, dim, seed, intrinsic):
+            f.write(block.data)
+    return np.load(path, mmap_mode="r")
 
 
 def exact(gallery: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -83,17 +96,18 @@ def time_queries(search, queries: np.ndarray, budget: float = 60.0) -> tuple[flo
     return n / best, found
 
 
-def build(engine: str, args: argparse.Namespace, rows: int, directory: str) -> dict:
-    """In a fresh process: make the data, build the engine, time the queries, save it to `directory`."""
-    import faiss
-
+def build(engine: str, args: argparse.Namespace, rows: int, directory: str, scratch: str) -> dict:
+    """In a fresh process: write the data to `scratch`, build the engine from it, time the queries, save it to
+    `directory`."""
     from siamese.index import Index
 
     baseline = peak_mib()
-    gallery = unit_vectors(rows, args.dim, 0, args.intrinsic_dim)
+    gallery = mapped_unit_vectors(Path(scratch) / "gallery.npy", rows, args.dim, 0, args.intrinsic_dim)
     queries = unit_vectors(args.queries, args.dim, 1, args.intrinsic_dim)
     start = time.perf_counter()
     if engine == "faiss-flat":
+        import faiss
+
         index = faiss.IndexFlatL2(args.dim)
         index.add(gallery)
         seconds = time.perf_counter() - start
@@ -151,15 +165,15 @@ def main() -> None:
         print(f"{'engine':<34}{'build s':>9}{'queries/s':>11}{'index MiB':>11}{'recall@10':>11}"
               f"{'build peak MiB':>16}{'serve peak MiB':>16}")
         for engine in args.engines:
-            with tempfile.TemporaryDirectory() as directory:
-                r = in_child(build, engine, args, rows, directory)
+            with tempfile.TemporaryDirectory() as directory, tempfile.TemporaryDirectory() as scratch:
+                r = in_child(build, engine, args, rows, directory, scratch)
                 served = "-" if engine == "faiss-flat" else f"{in_child(serve, engine, args, directory):,.0f}"
             answered = f" ({len(r['found']):,} queries)" if len(r["found"]) < args.queries else ""
             print(f"{r['name']:<34}{r['build']:>9.2f}{r['qps']:>11,.0f}{r['mib']:>11,.0f}"
                   f"{recall(r['found'], truth[: len(r['found'])]):>11.3f}{r['build_peak']:>16,.0f}{served:>16}"
                   f"{answered}", flush=True)
         print(f"Peak memory includes Python with the libraries loaded ({r['baseline']:,.0f} MiB before any data); "
-              f"2x the embeddings is {2 * embeddings:,.0f} MiB.")
+              f"2x the embeddings is {2 * embeddings:,.0f} MiB.", flush=True)
 
 
 if __name__ == "__main__":

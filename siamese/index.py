@@ -19,6 +19,9 @@ On disk an index is a folder, never a pickle (loading a pickle runs code):
 is rebuilt on load; graphs and FAISS indexes are read back. Loading checks every shape, type, value and hash
 before using anything, and that the engine file holds as many rows of as many dimensions as the embeddings.
 The embeddings are then memory-mapped read-only, so an hnsw or faiss index does not hold them twice in memory.
+An index can also be built from memory-mapped embeddings (`np.load(path, mmap_mode="r")`): every pass over
+them then reads one block at a time and drops it from memory after use, so building an hnsw index holds the
+graph and one block, not the graph and the embeddings.
 Folders written before the approximate backends (format version 1) still load.
 """
 
@@ -27,15 +30,15 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import mmap
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from itertools import groupby
 from pathlib import Path
 
 import numpy as np
-from sklearn.neighbors import BallTree
 
 from siamese import __version__, atomic
 from siamese.catalog import Catalog, Item
@@ -56,6 +59,8 @@ SEED = 0
 """hnswlib's random_seed, FAISS's k-means seed and the recall sample's seed."""
 _BLOCK = 1 << 23
 """Scores computed at once by brute search: (queries x rows) <= 8M float32, 32 MiB."""
+_PASS_ROWS = 1 << 14
+"""Rows read at once by a pass over every embedding (8 MiB at 128 dimensions)."""
 _GROUP = 64
 """Brute search keeps the best k scores of a row of a block from its best k groups of _GROUP (their maxima)."""
 
@@ -88,6 +93,43 @@ def _squared_norms(x: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", x, x, dtype=np.float64)
 
 
+def _release(x: np.ndarray) -> None:
+    """Drop the pages of memory-mapped `x` (e.g. `np.load(path, mmap_mode="r")`) from this process's resident
+    memory: they stay in the page cache and are read back on the next access. Nothing for an array in memory."""
+    while x is not None and not isinstance(x, mmap.mmap):
+        x = getattr(x, "base", None)
+    if x is not None and hasattr(mmap, "MADV_DONTNEED"):  # not on Windows
+        x.madvise(mmap.MADV_DONTNEED)
+
+
+def _blocks(x: np.ndarray, rows: int = _PASS_ROWS, release: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+    """`(start, x[start : start + rows])` over all of `x`; with `release` (default), a memory-mapped `x` is
+    released after each block (see `_release`), so the pass holds one block in memory."""
+    for start in range(0, len(x), rows):
+        yield start, x[start : start + rows]
+        if release:
+            _release(x)
+
+
+def _take(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`x[rows]` (`rows` of any shape), gathered block by block (see `_blocks`): on a memory map, reading
+    scattered rows at once would bring in up to 2 MiB of the file around each (the kernel maps whole folios)."""
+    unique, inverse = np.unique(rows.ravel(), return_inverse=True)
+    out = np.empty((len(unique), *x.shape[1:]), x.dtype)
+    for start, block in _blocks(x):
+        low, high = np.searchsorted(unique, [start, start + len(block)])
+        out[low:high] = block[unique[low:high] - start]
+    return out[inverse].reshape(*rows.shape, *x.shape[1:])
+
+
+def _save_npy(path: Path, x: np.ndarray) -> None:
+    """`np.save(path, x)` byte for byte, written a block at a time (see `_blocks`)."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(x))
+        for _, block in _blocks(x):
+            f.write(np.ascontiguousarray(block).data)
+
+
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """The columns of the `k` largest scores of each row, in no order (ties broken either way).
 
@@ -108,28 +150,28 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def _brute_kneighbors(
-    gallery: np.ndarray, queries: np.ndarray, k: int, half_norms: np.ndarray | None = None
+    gallery: np.ndarray, queries: np.ndarray, k: int, half_norms: np.ndarray | None = None, lean: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest rows of `gallery` for each query: (distances, indices), nearest first, ties by row.
 
     Scores are computed into one buffer of at most 8M floats, for blocks of up to 1,024 queries x 8,192 rows:
     the best k of the first block, then only the rows of later blocks that may beat each query's k-th best so
     far (few, once the first blocks are seen). Memory stays flat however large the gallery. `half_norms` is
-    |row|^2 / 2 (default: computed here).
+    |row|^2 / 2 (default: computed here). `lean` (for one-off passes at build time) holds as little as it can: a
+    buffer of 1M scores, and a memory-mapped gallery's blocks are dropped from memory after use (see `_blocks`).
     """
     if half_norms is None:
         half_norms = (0.5 * _squared_norms(gallery)).astype(np.float32)
     least = half_norms.min()
     rows = len(gallery)
     width = min(rows, max(k, 1 << 13))  # rows per block
-    chunk = max(1, min(1 << 10, _BLOCK // width))  # queries per block
+    chunk = max(1, min(1 << 10, (_BLOCK >> 3 if lean else _BLOCK) // width))  # queries per block
     buffer = np.empty((min(chunk, len(queries)), width), np.float32)
     distances = np.empty((len(queries), k), np.float32)
     indices = np.empty((len(queries), k), np.int64)
     for start in range(0, len(queries), chunk):
         q = queries[start : start + chunk]
-        for first in range(0, rows, width):
-            block = gallery[first : first + width]
+        for first, block in _blocks(gallery, width, lean):
             # |q - g|^2 = |q|^2 - 2 (q.g - |g|^2 / 2): the nearest rows have the largest scores
             products = np.matmul(q, block.T, out=buffer[: len(q), : len(block)])
             if first == 0:
@@ -191,6 +233,8 @@ class _BallTree:
     knob = None  # the query-time setting of approximate engines
 
     def __init__(self, embeddings: np.ndarray, leaf_size: int):
+        from sklearn.neighbors import BallTree  # imported here: scikit-learn takes 100 MiB that other engines spare
+
         self.tree = BallTree(embeddings, leaf_size=leaf_size)
         self.params = {"leaf_size": leaf_size}
 
@@ -238,9 +282,9 @@ class _Hnsw:
         return engine
 
     def add(self, embeddings: np.ndarray, rows: np.ndarray) -> None:
-        for start in range(0, len(rows), 1 << 16):  # copies of 64K rows at most
-            chunk = rows[start : start + (1 << 16)]
-            self.graph.add_items(embeddings[chunk], chunk, num_threads=usable_cpus())
+        for start in range(0, len(rows), _PASS_ROWS):  # copies of a block of rows at most
+            chunk = rows[start : start + _PASS_ROWS]
+            self.graph.add_items(_take(embeddings, chunk), chunk, num_threads=usable_cpus())
 
     @classmethod
     def read(cls, path: Path, embeddings: np.ndarray, params: dict) -> _Hnsw:
@@ -306,9 +350,9 @@ class _Faiss:
         return engine
 
     def add(self, embeddings: np.ndarray, rows: np.ndarray) -> None:
-        for start in range(0, len(rows), 1 << 16):
-            chunk = rows[start : start + (1 << 16)]
-            self.index.add_with_ids(np.ascontiguousarray(embeddings[chunk]), chunk)
+        for start in range(0, len(rows), _PASS_ROWS):
+            chunk = rows[start : start + _PASS_ROWS]
+            self.index.add_with_ids(_take(embeddings, chunk), chunk)
 
     @classmethod
     def read(cls, path: Path, embeddings: np.ndarray, params: dict) -> _Faiss:
@@ -393,14 +437,16 @@ class Index:
             nlist = int(4 * rows**0.5) if rows >= FAISS_IVF_MIN_ROWS else 0
         if not 0 <= nlist <= rows:
             raise SiameseError(f"Expected 0 <= --nlist <= {rows} (the rows to index; 0 is exact). Received: {nlist}")
-        squared = _squared_norms(embeddings)
+        squared = np.concatenate([_squared_norms(block) for _, block in _blocks(embeddings)])
         if not np.isfinite(squared).all():
             raise SiameseError("Expected finite embeddings. Received: NaN or infinite values")
         if (squared == 0).any():
             raise SiameseError("Expected non-zero embeddings. Received: a row of zeros, which has no direction")
         # already-unit rows are kept bit for bit, so a saved and reloaded index answers exactly alike
         norms = np.sqrt(squared).astype(np.float32)[:, None]
-        embeddings = embeddings / norms if np.abs(norms - 1).max() > 1e-6 else embeddings
+        if np.abs(norms - 1).max() > 1e-6:
+            embeddings = embeddings / norms
+            squared = _squared_norms(embeddings)
         self._set_rows(embeddings, items, filenames, labels)
         self._set_metadata(backend, model, embedder, source, part)
         approximate = backend == "hnsw" or (backend == "faiss" and nlist > 0)
@@ -413,7 +459,7 @@ class Index:
             self._engine = _Hnsw.build(embeddings, held, hnsw_m, ef_construction)
         else:
             self._engine = _Faiss.build(embeddings, held, nlist)
-        self.recall = self._tune({"ef": ef, "nprobe": nprobe}, target_recall, held)
+        self.recall = self._tune({"ef": ef, "nprobe": nprobe}, target_recall, held, squared)
 
     def _set_rows(self, embeddings: np.ndarray, items, filenames, labels) -> None:
         if not (len(items) == len(filenames) == len(labels) == embeddings.shape[0]):
@@ -434,21 +480,21 @@ class Index:
         self.source = source or {}
         self.part = part
 
-    def _tune(self, given: dict[str, int | None], target: float, held: np.ndarray) -> dict | None:
+    def _tune(self, given: dict[str, int | None], target: float, held: np.ndarray, squared: np.ndarray) -> dict | None:
         """Measure recall@10 of an approximate engine that lacks the `held` rows, searching for them, at the
         `given` value of its query-time knob (ef, nprobe), or at the smallest power of two that reaches `target`;
         keep that value in `params`, then add the held rows. With none held (under 10 rows), search exhaustively,
-        measured on all."""
+        measured on all. `squared`: the rows' |row|^2."""
         for name, value in given.items():
             if value is not None:
                 self._check_knob(name, value)
         if self._engine.knob is None:
             return None
-        queries = np.asarray(self.embeddings[held if len(held) else slice(None)])
+        queries = _take(self.embeddings, held) if len(held) else np.asarray(self.embeddings)
         k = min(10, len(self) - len(held))
-        half_norms = (0.5 * _squared_norms(self.embeddings)).astype(np.float32)
+        half_norms = (0.5 * squared).astype(np.float32)
         half_norms[held] = np.inf  # not in the engine yet: never a neighbour
-        _, truth = _brute_kneighbors(self.embeddings, queries, k, half_norms)
+        _, truth = _brute_kneighbors(self.embeddings, queries, k, half_norms, lean=True)
         tried = _powers_of_two(self._engine.tune_from, min(self._engine.knob_range[1], len(self) - len(held)))
         chosen = given[self._engine.knob]
         for value in [chosen] if chosen is not None else tried if len(held) else tried[-1:]:
@@ -601,12 +647,12 @@ class Index:
         """Write the index to `directory` (created if needed); see the module docstring. Returns the folder."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        rows = {"items": self.items, "filenames": self.filenames, "labels": [list(x) for x in self.labels]}
+        rows = {"items": self.items, "filenames": self.filenames, "labels": self.labels}  # tuples: JSON arrays
         rows_bytes = json.dumps(rows, ensure_ascii=False).encode()
         files = {
             **_write_hashed(directory, "rows", ".json", lambda path: path.write_bytes(rows_bytes)),
             **_write_hashed(directory, "embeddings", ".npy",
-                            lambda path: np.save(path, self.embeddings, allow_pickle=False)),
+                            lambda path: _save_npy(path, self.embeddings)),
         }
         if isinstance(self._engine, _Hnsw | _Faiss):
             files.update(_write_hashed(directory, "engine", self._engine.suffix, self._engine.write))
@@ -757,15 +803,19 @@ def _held_out(rows: int) -> np.ndarray:
 
 
 def _recall(embeddings: np.ndarray, queries: np.ndarray, truth: np.ndarray, found: np.ndarray) -> float:
-    """Share of the true k nearest rows found; a found row as near as the true k-th counts (ties, duplicates)."""
+    """Share of the true k nearest rows found; a found row as near as the true k-th counts (ties, duplicates).
+    In float64, 128 queries at a time."""
 
-    def squared(rows: np.ndarray) -> np.ndarray:
-        diff = np.asarray(embeddings[rows.ravel()], np.float64).reshape(*rows.shape, -1) - queries[:, None]
+    def squared(rows: np.ndarray, q: np.ndarray) -> np.ndarray:
+        diff = _take(embeddings, rows).astype(np.float64) - q[:, None]
         return np.einsum("ijk,ijk->ij", diff, diff)
 
-    kth = squared(truth[:, -1:])
-    hits = (found >= 0) & (squared(np.maximum(found, 0)) <= kth * (1 + 1e-9))
-    return float(hits.mean())
+    hits = 0
+    for start in range(0, len(queries), 128):
+        q, near = queries[start : start + 128], found[start : start + 128]
+        kth = squared(truth[start : start + 128, -1:], q)
+        hits += ((near >= 0) & (squared(np.maximum(near, 0), q) <= kth * (1 + 1e-9))).sum()
+    return float(hits / found.size)
 
 
 def merge_parts(directories: Sequence[str | os.PathLike], backend: str | None = None, **settings) -> Index:

@@ -199,6 +199,71 @@ def test_every_engine_answers_alike_after_save_and_load(tmp_path, name):
         assert settings["files"]["engine"].endswith(engine_files[0]) and len(settings["files"]["engine_sha256"]) == 64
 
 
+@pytest.mark.parametrize("name", ["brute", "hnsw", "faiss-ivf"])
+def test_an_index_built_from_memory_mapped_embeddings_equals_one_built_in_memory(tmp_path, name):
+    vectors = unit_vectors(3000, 32, 0)
+    np.save(tmp_path / "embeddings.npy", vectors)
+    meta = ([f"item{i % 30}" for i in range(3000)], [f"{i}.png" for i in range(3000)], [("x",)] * 3000)
+    settings = {**engine(name), "hnsw_m": 8}
+    mapped = Index(np.load(tmp_path / "embeddings.npy", mmap_mode="r"), *meta, **settings)
+    in_memory = Index(vectors, *meta, **settings)
+    mapped.save(tmp_path / "mapped")
+    in_memory.save(tmp_path / "in_memory")
+    saved = {d: json.loads((tmp_path / d / "index.json").read_text())["files"] for d in ("mapped", "in_memory")}
+    assert saved["mapped"]["embeddings_sha256"] == saved["in_memory"]["embeddings_sha256"]
+    # the file written block by block is np.save's, byte for byte
+    assert (tmp_path / "mapped" / saved["mapped"]["embeddings"]).read_bytes() == (
+        tmp_path / "embeddings.npy").read_bytes()
+    queries = unit_vectors(100, 32, 1)
+    truth = numpy_knn(vectors, queries, 10)[1]
+    if name == "brute":
+        np.testing.assert_array_equal(mapped.kneighbors(queries, 10)[1], truth)
+        return
+    # hnswlib links with every CPU, so two graphs (and the ef each picks) may differ a little
+    knob = {"ef", "nprobe"}
+    assert {k: v for k, v in mapped.params.items() if k not in knob} == {
+        k: v for k, v in in_memory.params.items() if k not in knob}
+    assert mapped.recall["queries"] == in_memory.recall["queries"] == 300 and mapped.recall_at_10 >= 0.99
+    assert recall(mapped.kneighbors(queries, 10)[1], truth) >= 0.95
+
+
+BUILD_PEAK = """
+import sys
+from pathlib import Path
+import numpy as np
+from siamese.index import Index
+def rss(key):
+    return int(Path("/proc/self/status").read_text().split(key + ":")[1].split()[0]) * 1024
+path, mode = sys.argv[1:]
+rows = len(np.load(path, mmap_mode="r"))
+meta = ([str(i) for i in range(rows)], [""] * rows, [()] * rows)
+before = rss("VmRSS")
+embeddings = np.load(path, mmap_mode="r" if mode == "mapped" else None)
+Index(embeddings, *meta, backend="hnsw", hnsw_m=4, ef_construction=16, ef=16)
+print(rss("VmHWM") - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads peak memory from Linux's /proc")
+def test_building_hnsw_from_a_memory_map_holds_a_block_of_it_not_all(tmp_path):
+    """The memory the build adds at its peak, from memory-mapped embeddings against the same loaded in memory
+    (each in a fresh process): the map spares nearly all of the 64 MiB file."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "embeddings.npy"
+    with open(path, "wb") as f:  # 131,072 x 128 float32 (64 MiB), written in blocks
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (1 << 17, 128)})
+        for seed in range(8):
+            f.write(unit_vectors(1 << 14, 128, seed).data)
+    peaks = {}
+    for mode in ("mapped", "in_memory"):
+        run = subprocess.run([sys.executable, "-c", BUILD_PEAK, str(path), mode], capture_output=True, text=True,
+                             check=True)
+        peaks[mode] = int(run.stdout) / 2**20
+    assert peaks["in_memory"] - peaks["mapped"] > 0.75 * 64, peaks
+
+
 def test_an_index_of_format_version_1_still_loads(tmp_path):
     index = random_index(backend="balltree")
     index.save(tmp_path)
