@@ -40,7 +40,7 @@ def unit_vector_blocks(n: int, dim: int, seed: int, intrinsic: int = 0) -> Itera
         x = rng.standard_normal((rows, dim), dtype=np.float32)
         if basis is not None:
             x = rng.standard_normal((rows, intrinsic), dtype=np.float32) @ basis + 0.1 * np.sqrt(intrinsic) * x
-        yield x / np.linalg.norm(x, axis=1, keepdims=True)
+        yield (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32, copy=False)
 
 
 def unit_vectors(n: int, dim: int, seed: int, intrinsic: int = 0) -> np.ndarray:

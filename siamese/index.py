@@ -59,8 +59,8 @@ SEED = 0
 """hnswlib's random_seed, FAISS's k-means seed and the recall sample's seed."""
 _BLOCK = 1 << 23
 """Scores computed at once by brute search: (queries x rows) <= 8M float32, 32 MiB."""
-_PASS_ROWS = 1 << 14
-"""Rows read at once by a pass over every embedding (8 MiB at 128 dimensions)."""
+_PASS_ROWS = 1 << 12
+"""Rows read at once by a pass over every embedding (2 MiB at 128 dimensions)."""
 _GROUP = 64
 """Brute search keeps the best k scores of a row of a block from its best k groups of _GROUP (their maxima)."""
 
@@ -111,14 +111,22 @@ def _blocks(x: np.ndarray, rows: int = _PASS_ROWS, release: bool = True) -> Iter
             _release(x)
 
 
+def _by_block(x: np.ndarray, rows: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+    """For sorted `rows`: `(low, high, x[rows[low:high]])` for the rows in each block of `x`, block by block (see
+    `_blocks`). On a memory map, reading scattered rows at once would bring in up to 2 MiB of the file around each
+    (the kernel maps whole folios)."""
+    for start, block in _blocks(x):
+        low, high = np.searchsorted(rows, [start, start + len(block)])
+        if high > low:
+            yield low, high, block[rows[low:high] - start]
+
+
 def _take(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """`x[rows]` (`rows` of any shape), gathered block by block (see `_blocks`): on a memory map, reading
-    scattered rows at once would bring in up to 2 MiB of the file around each (the kernel maps whole folios)."""
+    """`x[rows]` (`rows` of any shape), gathered block by block (see `_by_block`)."""
     unique, inverse = np.unique(rows.ravel(), return_inverse=True)
     out = np.empty((len(unique), *x.shape[1:]), x.dtype)
-    for start, block in _blocks(x):
-        low, high = np.searchsorted(unique, [start, start + len(block)])
-        out[low:high] = block[unique[low:high] - start]
+    for low, high, vectors in _by_block(x, unique):
+        out[low:high] = vectors
     return out[inverse].reshape(*rows.shape, *x.shape[1:])
 
 
@@ -282,9 +290,9 @@ class _Hnsw:
         return engine
 
     def add(self, embeddings: np.ndarray, rows: np.ndarray) -> None:
-        for start in range(0, len(rows), _PASS_ROWS):  # copies of a block of rows at most
-            chunk = rows[start : start + _PASS_ROWS]
-            self.graph.add_items(_take(embeddings, chunk), chunk, num_threads=usable_cpus())
+        """Add `rows` (sorted) of `embeddings`, a block at a time."""
+        for low, high, vectors in _by_block(embeddings, rows):
+            self.graph.add_items(vectors, rows[low:high], num_threads=usable_cpus())
 
     @classmethod
     def read(cls, path: Path, embeddings: np.ndarray, params: dict) -> _Hnsw:
@@ -296,10 +304,10 @@ class _Hnsw:
         if (graph.element_count, graph.M) != (rows, params["hnsw_m"]):
             raise ValueError(f"it holds {graph.element_count} rows linked with M {graph.M}, not the {rows} rows "
                              f"linked with M {params['hnsw_m']} that index.json records")
-        # the row numbers, and a sample of rows: a graph of other vectors or of another dimension differs
-        sample = np.random.default_rng(SEED).choice(rows, min(16, rows), replace=False)
-        if not (np.array_equal(np.sort(np.asarray(graph.get_ids_list(), np.int64)), np.arange(rows))
-                and np.array_equal(graph.get_items(sample), embeddings[sample])):
+        # a sample of rows by number (hnswlib raises on a missing one): a graph of other vectors or of another
+        # dimension differs; the file's SHA-256 was checked, so this is not a defence against tampering
+        sample = np.sort(np.random.default_rng(SEED).choice(rows, min(16, rows), replace=False))
+        if not np.array_equal(graph.get_items(sample), _take(embeddings, sample)):
             raise ValueError(f"its rows are not the {rows} x {dim} embeddings")
         return cls(graph, params)
 
@@ -350,9 +358,9 @@ class _Faiss:
         return engine
 
     def add(self, embeddings: np.ndarray, rows: np.ndarray) -> None:
-        for start in range(0, len(rows), _PASS_ROWS):
-            chunk = rows[start : start + _PASS_ROWS]
-            self.index.add_with_ids(_take(embeddings, chunk), chunk)
+        """Add `rows` (sorted) of `embeddings`, a block at a time."""
+        for low, high, vectors in _by_block(embeddings, rows):
+            self.index.add_with_ids(vectors, rows[low:high])
 
     @classmethod
     def read(cls, path: Path, embeddings: np.ndarray, params: dict) -> _Faiss:
@@ -648,9 +656,13 @@ class Index:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         rows = {"items": self.items, "filenames": self.filenames, "labels": self.labels}  # tuples: JSON arrays
-        rows_bytes = json.dumps(rows, ensure_ascii=False).encode()
+
+        def write_rows(path: Path) -> None:  # streamed: a million rows make 50 MiB of JSON text
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(rows, f, ensure_ascii=False)
+
         files = {
-            **_write_hashed(directory, "rows", ".json", lambda path: path.write_bytes(rows_bytes)),
+            **_write_hashed(directory, "rows", ".json", write_rows),
             **_write_hashed(directory, "embeddings", ".npy",
                             lambda path: _save_npy(path, self.embeddings)),
         }
@@ -714,16 +726,20 @@ class Index:
             raise refuse(f"expected a backend of {', '.join(BACKENDS)}, found {backend!r}")
         embeddings = _check_embeddings(embeddings_path, rows_count, dim, files.get("embeddings_sha256"), refuse)
         try:
-            rows = json.loads(rows_path.read_bytes())
+            data = rows_path.read_bytes()
+            rows_sha256 = hashlib.sha256(data).hexdigest()
+            rows = json.loads(data)
+            del data
             items, filenames, labels = rows["items"], rows["filenames"], rows["labels"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise refuse(f"{rows_path.name} is unreadable ({type(e).__name__}: {e})") from None
         if not all(isinstance(x, list) and len(x) == rows_count for x in (items, filenames, labels)):
             raise refuse(f"{rows_path.name} does not have one item, filename and labels list per row ({rows_count})")
-        if hashlib.sha256(rows_path.read_bytes()).hexdigest() != files.get("rows_sha256"):
+        if rows_sha256 != files.get("rows_sha256"):
             raise refuse(f"{rows_path.name} was modified after the index was written (SHA-256 mismatch)")
         index = cls.__new__(cls)
         index._set_rows(embeddings, items, filenames, labels)
+        del rows, items, filenames, labels  # the JSON's lists of labels: 64 MiB at a million rows
         index._set_metadata(backend, settings.get("model"), settings.get("embedder"), settings.get("source"),
                             settings.get("part"))
         index.recall = settings.get("recall")
