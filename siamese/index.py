@@ -32,6 +32,7 @@ import hashlib
 import json
 import mmap
 import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
@@ -256,9 +257,9 @@ class _Brute:
 
     knob = None
 
-    def __init__(self, embeddings: np.ndarray):
+    def __init__(self, embeddings: np.ndarray, half_norms: np.ndarray | None = None):
         self.embeddings = embeddings
-        self.half_norms = (0.5 * _squared_norms(embeddings)).astype(np.float32)
+        self.half_norms = (0.5 * _squared_norms(embeddings)).astype(np.float32) if half_norms is None else half_norms
         self.params: dict = {}
 
     def search(self, queries: np.ndarray, k: int, knob: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -455,6 +456,8 @@ class Index:
         if np.abs(norms - 1).max() > 1e-6:
             embeddings = embeddings / norms
             squared = _squared_norms(embeddings)
+        half_norms = (0.5 * squared).astype(np.float32)
+        del squared, norms  # 12 MiB at a million rows, not kept while the engine is built
         self._set_rows(embeddings, items, filenames, labels)
         self._set_metadata(backend, model, embedder, source, part)
         approximate = backend == "hnsw" or (backend == "faiss" and nlist > 0)
@@ -462,12 +465,12 @@ class Index:
         if backend == "balltree":
             self._engine = _BallTree(embeddings, leaf_size)
         elif backend == "brute":
-            self._engine = _Brute(embeddings)
+            self._engine = _Brute(embeddings, half_norms)
         elif backend == "hnsw":
             self._engine = _Hnsw.build(embeddings, held, hnsw_m, ef_construction)
         else:
             self._engine = _Faiss.build(embeddings, held, nlist)
-        self.recall = self._tune({"ef": ef, "nprobe": nprobe}, target_recall, held, squared)
+        self.recall = self._tune({"ef": ef, "nprobe": nprobe}, target_recall, held, half_norms)
 
     def _set_rows(self, embeddings: np.ndarray, items, filenames, labels) -> None:
         if not (len(items) == len(filenames) == len(labels) == embeddings.shape[0]):
@@ -488,11 +491,13 @@ class Index:
         self.source = source or {}
         self.part = part
 
-    def _tune(self, given: dict[str, int | None], target: float, held: np.ndarray, squared: np.ndarray) -> dict | None:
+    def _tune(
+        self, given: dict[str, int | None], target: float, held: np.ndarray, half_norms: np.ndarray
+    ) -> dict | None:
         """Measure recall@10 of an approximate engine that lacks the `held` rows, searching for them, at the
         `given` value of its query-time knob (ef, nprobe), or at the smallest power of two that reaches `target`;
         keep that value in `params`, then add the held rows. With none held (under 10 rows), search exhaustively,
-        measured on all. `squared`: the rows' |row|^2."""
+        measured on all. `half_norms`: the rows' |row|^2 / 2."""
         for name, value in given.items():
             if value is not None:
                 self._check_knob(name, value)
@@ -500,7 +505,7 @@ class Index:
             return None
         queries = _take(self.embeddings, held) if len(held) else np.asarray(self.embeddings)
         k = min(10, len(self) - len(held))
-        half_norms = (0.5 * squared).astype(np.float32)
+        half_norms = half_norms.copy()
         half_norms[held] = np.inf  # not in the engine yet: never a neighbour
         _, truth = _brute_kneighbors(self.embeddings, queries, k, half_norms, lean=True)
         tried = _powers_of_two(self._engine.tune_from, min(self._engine.knob_range[1], len(self) - len(held)))
@@ -840,6 +845,8 @@ def merge_parts(directories: Sequence[str | os.PathLike], backend: str | None = 
     Refuses parts of different models or catalogs, missing or repeated shards, naming the folder and the fix.
     `backend` defaults to the parts'; `settings` (keyword arguments of `Index`: leaf_size, hnsw_m...) default to
     the parts' when the backend is theirs. Embeddings and rows equal those of indexing the catalog at once.
+    The joined embeddings are memory-mapped from a temporary file beside the first part, so a merge holds the
+    engine and a block of them (see `Index`), not all of them.
     """
     if not directories:
         raise SiameseError("Expected at least one part to merge. Received: none. Fix: pass the parts' folders.")
@@ -904,9 +911,20 @@ def merge_parts(directories: Sequence[str | os.PathLike], backend: str | None = 
     labels = [labels for index in ordered for labels in index.labels]
     catalog = Catalog(_items_of_rows(items, filenames, labels), Path(first.source.get("image_dir", ".")))
     source = {**first.source, "sha256": catalog.digest(), "parts": [str(d.resolve()) for d, _ in parts]}
-    return Index(np.concatenate([index.embeddings for index in ordered]), items, filenames, labels,
+    return Index(_joined([index.embeddings for index in ordered], first_dir), items, filenames, labels,
                  backend=backend, model=first.model, embedder=first.embedder, source=source,
                  **{**inherited, **settings})
+
+
+def _joined(arrays: Sequence[np.ndarray], directory: Path) -> np.ndarray:
+    """The rows of `arrays` one after another, written a block at a time (see `_blocks`) to an unnamed temporary
+    file in `directory` and memory-mapped read-only: joining memory-mapped parts holds a block, not the whole."""
+    with tempfile.TemporaryFile(dir=directory) as f:  # gone from the disk once nothing maps it
+        for array in arrays:
+            for _, block in _blocks(array):
+                f.write(np.ascontiguousarray(block, np.float32).data)
+        f.flush()
+        return np.memmap(f, np.float32, "r", shape=(sum(map(len, arrays)), arrays[0].shape[1]))
 
 
 def _build_settings(index: Index) -> dict:

@@ -11,7 +11,7 @@ import pytest
 
 from siamese.catalog import load_catalog
 from siamese.embed import describe, embed_images
-from siamese.index import Index
+from siamese.index import Index, merge_parts
 from siamese.models import build_embedding
 from tests.conftest import solid_catalog, write_image
 
@@ -135,6 +135,8 @@ def test_shards_merge_into_the_index_of_the_whole_catalog_byte_for_byte(workdir,
     code, out, err = run_cli("query", "--index", "merged", "data/images/a/2.png", "--k", "1")
     assert code == 0 and out.splitlines()[1].split()[2:] == ["a", "images/a/2.png"]
     assert Index.load(workdir / "merged").part is None
+    joined = merge_parts([workdir / "parts" / str(shard) for shard in (1, 2, 3)], "brute").embeddings
+    assert isinstance(joined.base, np.memmap) and np.array_equal(joined, Index.load(workdir / "whole").embeddings)
 
     code, out, err = run_cli("merge-index", "parts/1", "parts/2", "parts/3", "--output", "merged_hnsw",
                              "--index", "hnsw")
