@@ -163,9 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"contrastive on pairs, or triplet on (anchor, positive, negative) triplets (default {d.loss})")
     p.add_argument("--margin", type=float, default=d.margin, help=f"contrastive margin (default {d.margin})")
     p.add_argument("--learning-rate", type=float, default=d.learning_rate,
-                   help="Adam's (default: 0.003 for small_cnn, 0.001 for pretrained backbones)")
+                   help="AdamW's (default: 0.003 for small_cnn, 0.001 for pretrained backbones)")
     p.add_argument("--lr-schedule", default=d.lr_schedule, choices=TrainConfig.LR_SCHEDULES,
                    help=f"constant, or cosine decay to 0 over the run (default {d.lr_schedule})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help=f"AdamW's decoupled weight decay, times the learning rate (default {d.weight_decay}; 0: Adam)")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help=f"items held out for validation (default {d.val_fraction})")
     p.add_argument("--val-pairs", type=int, default=d.val_pairs, help=f"validation pairs (default {d.val_pairs})")

@@ -59,7 +59,7 @@ class TrainConfig:
     MININGS: ClassVar[tuple[str, ...]] = ("batch-all", "pairs")
     """`mining`: the loss over every pair (triplet) of P x K batches of images, or over drawn pairs (triplets)."""
     LR_SCHEDULES: ClassVar[tuple[str, ...]] = ("constant", "cosine")
-    """`lr_schedule`: Adam's learning rate stays constant, or decays to 0 along a cosine over the run."""
+    """`lr_schedule`: AdamW's learning rate stays constant, or decays to 0 along a cosine over the run."""
 
     labeled_data: str
     image_dir: str
@@ -79,8 +79,9 @@ class TrainConfig:
     mining: str = "batch-all"  # see MININGS
     images_per_item: int = 4  # K of a P x K batch with mining="batch-all"
     margin: float = 1.0
-    learning_rate: float | None = None  # Adam's: 3e-3 for small_cnn (from scratch), 1e-3 for pretrained backbones
+    learning_rate: float | None = None  # AdamW's: 3e-3 for small_cnn (from scratch), 1e-3 for pretrained backbones
     lr_schedule: str = "cosine"  # see LR_SCHEDULES
+    weight_decay: float = 0.05  # AdamW's decoupled weight decay, scaled by the learning rate; 0 is Adam
     val_fraction: float = 0.2
     seed: int = 0
     on_bad_image: str = "fail"
@@ -111,6 +112,8 @@ class TrainConfig:
             raise SiameseError(
                 f"Expected --margin and --learning-rate > 0. Received: {self.margin} and {learning_rate}"
             )
+        if self.weight_decay < 0:
+            raise SiameseError(f"Expected --weight-decay >= 0. Received: {self.weight_decay}")
         if self.lr_schedule not in self.LR_SCHEDULES:
             raise SiameseError(f"Expected --lr-schedule to be one of {', '.join(self.LR_SCHEDULES)}. "
                                f"Received: {self.lr_schedule!r}")

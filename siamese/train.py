@@ -193,7 +193,7 @@ def _training_model(config: TrainConfig, embedding: keras.Model) -> tuple[keras.
 
 
 def _learning_rate(config: TrainConfig, steps: int):
-    """Adam's learning rate: constant, or cosine decay to 0 over the run's `steps` (a function of the step
+    """AdamW's learning rate: constant, or cosine decay to 0 over the run's `steps` (a function of the step
     count, which the backup restores with the optimizer, so a resumed run continues the same curve)."""
     if config.lr_schedule == "cosine":
         return keras.optimizers.schedules.CosineDecay(config.learning_rate, steps)
@@ -272,8 +272,9 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
         # Keras 3 cannot build a model made inside a MultiWorkerMirroredStrategy scope (keras-team/keras#20585).
         model, loss = _training_model(config, embedding)
         with strategy.scope():
-            model.compile(optimizer=keras.optimizers.Adam(_learning_rate(config, steps * config.epochs)), loss=loss,
-                          jit_compile="auto" if gpus else False)
+            learning_rate = _learning_rate(config, steps * config.epochs)
+            optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=config.weight_decay)
+            model.compile(optimizer=optimizer, loss=loss, jit_compile="auto" if gpus else False)
 
         metrics, validation, val_steps = _validation(config, strategy, val_catalog, embedding, cache, progress)
         # Nothing held out: the last epoch. A batch-all loss is the mean over the pairs still inside the margin,

@@ -155,7 +155,8 @@ def test_training_runs_the_image_check_first(tmp_path):
      ({"mining": "hard"}, r"Expected --mining to be one of batch-all, pairs. Received: 'hard'"),
      ({"images_per_item": 1}, r"Expected 2 <= --images-per-item <= --batch-size with --mining batch-all. "
                               r"Received: 1 and 64"),
-     ({"lr_schedule": "step"}, r"Expected --lr-schedule to be one of constant, cosine. Received: 'step'")],
+     ({"lr_schedule": "step"}, r"Expected --lr-schedule to be one of constant, cosine. Received: 'step'"),
+     ({"weight_decay": -0.1}, r"Expected --weight-decay >= 0. Received: -0.1")],
 )
 def test_settings_are_checked_before_anything_runs(tmp_path, change, message):
     config = TrainConfig(labeled_data="x.json", image_dir=str(tmp_path), **change)
@@ -179,6 +180,22 @@ def test_triplet_loss_trains_behind_the_same_flag(digits, tmp_path, mining):
     assert result.history[-1]["loss"] < result.history[0]["loss"]
     assert "val_loss" in result.history[0] and result.monitor == "val_precision_at_1"
     assert keras.saving.load_model(result.checkpoint).output_shape == (None, 16)
+
+
+def test_weight_decay_shrinks_the_weights_by_the_decoupled_rule(digits, tmp_path):
+    """AdamW: each step multiplies every weight by (1 - learning rate x weight decay) besides Adam's update; 0 is
+    plain Adam. Adam's own moves are at most about the learning rate per entry and step, small beside the
+    projection's initial weights (about 0.12), so the decayed kernel's norm is the decay's share of the other."""
+    norms = {}
+    for decay in (0.0, 100.0):
+        config = digits_config(digits, tmp_path / f"decay{decay}.keras", epochs=1, val_fraction=0,
+                               lr_schedule="constant", learning_rate=0.001, weight_decay=decay)
+        result = train(config, verbose=0)
+        assert json.loads(sidecar(result.checkpoint, "config").read_text())["weight_decay"] == decay
+        kernel = keras.saving.load_model(result.checkpoint).get_layer("projection").kernel
+        norms[decay] = float(np.linalg.norm(keras.ops.convert_to_numpy(kernel)))
+    steps = FAST["pairs_per_epoch"] // FAST["batch_size"]
+    assert norms[100.0] / norms[0.0] == pytest.approx((1 - 0.001 * 100) ** steps, abs=0.05), norms
 
 
 def test_drawn_pairs_train_too(digits, tmp_path):
