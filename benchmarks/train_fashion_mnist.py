@@ -1,6 +1,6 @@
 """Train the default small_cnn on Fashion-MNIST from the CLI and measure retrieval and input speed.
 
-    python benchmarks/train_fashion_mnist.py [--epochs 5] [--pairs-per-epoch 131072] [--image-size 28]
+    python benchmarks/train_fashion_mnist.py [--epochs 4] [--pairs-per-epoch 131072] [--image-size 28]
 
 1. make-dataset writes the 60,000 training and 10,000 test images as PNG files (once, under --work).
 2. `utilities.py train` trains small_cnn with the default settings (batch-all contrastive loss, cosine
@@ -59,7 +59,7 @@ def images_per_second(train_catalog, image_size: int, batch_size: int, cache: st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "siamese-bench-fashion-mnist")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--pairs-per-epoch", type=int, default=131072, help="images per epoch (batch-all)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=28, help="Fashion-MNIST's own size (default 28)")

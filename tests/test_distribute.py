@@ -70,9 +70,12 @@ def test_two_workers_agree_and_train_like_one_worker_with_the_same_global_batch(
     for key in ("loss", "val_loss", "val_precision_at_1"):
         np.testing.assert_allclose([h[key] for h in histories[0]], [h[key] for h in histories[1]], rtol=1e-3)
     chief, worker, one = (keras.saving.load_model(p) for p in (multi, tmp_path / ".worker-1" / "multi.keras", single))
+    # Adam moves a weight by up to the learning rate (0.001) a step whatever its gradient's size, so where a
+    # gradient is near 0 the other summation order can move it by a fair part of that: 1.4e-4 was seen
     for a, b, c in zip(chief.weights, worker.weights, one.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())  # the workers hold the same weights
-        np.testing.assert_allclose(a.numpy(), c.numpy(), atol=1e-4)
+        np.testing.assert_allclose(a.numpy(), c.numpy(), atol=3e-4)
+        assert np.mean(np.abs(a.numpy() - c.numpy())) < 1e-5
     assert json.loads(sidecar(multi, "manifest").read_text())["cluster"]["cluster"]["worker"] == workers
 
 
