@@ -131,12 +131,17 @@ def _take(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out[inverse].reshape(*rows.shape, *x.shape[1:])
 
 
+def _write_rows(f, x: np.ndarray) -> None:
+    """Write the rows of `x` to the binary file `f` as C-ordered bytes, a block at a time (see `_blocks`)."""
+    for _, block in _blocks(x):
+        f.write(np.ascontiguousarray(block).data)
+
+
 def _save_npy(path: Path, x: np.ndarray) -> None:
-    """`np.save(path, x)` byte for byte, written a block at a time (see `_blocks`)."""
+    """`np.save(path, x)` byte for byte, written a block at a time."""
     with open(path, "wb") as f:
         np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(x))
-        for _, block in _blocks(x):
-            f.write(np.ascontiguousarray(block).data)
+        _write_rows(f, x)
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -825,17 +830,17 @@ def _held_out(rows: int) -> np.ndarray:
 
 def _recall(embeddings: np.ndarray, queries: np.ndarray, truth: np.ndarray, found: np.ndarray) -> float:
     """Share of the true k nearest rows found; a found row as near as the true k-th counts (ties, duplicates).
-    In float64, 128 queries at a time."""
+    The rows are gathered once; distances are in float64, 128 queries at a time."""
+    kth_rows, found_rows = _take(embeddings, truth[:, -1:]), _take(embeddings, np.maximum(found, 0))
 
-    def squared(rows: np.ndarray, q: np.ndarray) -> np.ndarray:
-        diff = _take(embeddings, rows).astype(np.float64) - q[:, None]
+    def squared(rows: np.ndarray, start: int) -> np.ndarray:
+        diff = rows[start : start + 128].astype(np.float64) - queries[start : start + 128, None]
         return np.einsum("ijk,ijk->ij", diff, diff)
 
     hits = 0
     for start in range(0, len(queries), 128):
-        q, near = queries[start : start + 128], found[start : start + 128]
-        kth = squared(truth[start : start + 128, -1:], q)
-        hits += ((near >= 0) & (squared(np.maximum(near, 0), q) <= kth * (1 + 1e-9))).sum()
+        near = found[start : start + 128] >= 0
+        hits += (near & (squared(found_rows, start) <= squared(kth_rows, start) * (1 + 1e-9))).sum()
     return float(hits / found.size)
 
 
@@ -921,8 +926,7 @@ def _joined(arrays: Sequence[np.ndarray], directory: Path) -> np.ndarray:
     file in `directory` and memory-mapped read-only: joining memory-mapped parts holds a block, not the whole."""
     with tempfile.TemporaryFile(dir=directory) as f:  # gone from the disk once nothing maps it
         for array in arrays:
-            for _, block in _blocks(array):
-                f.write(np.ascontiguousarray(block, np.float32).data)
+            _write_rows(f, array.astype(np.float32, copy=False))
         f.flush()
         return np.memmap(f, np.float32, "r", shape=(sum(map(len, arrays)), arrays[0].shape[1]))
 
