@@ -307,7 +307,9 @@ def load_catalog(labeled_data: str | os.PathLike, image_dir: str | os.PathLike) 
 def split_by_item(catalog: Catalog, val_fraction: float = 0.2, seed: int = 0) -> tuple[Catalog, Catalog]:
     """Split into (train, validation) by item, never by image, reproducibly from `seed`.
 
-    `val_fraction` (default 0.2) of the items, rounded and at least one when non-zero, go to validation.
+    `val_fraction` (default 0.2) of the items, rounded, go to validation: at least two when non-zero and the
+    catalog has four or more items (retrieval among a single held-out item is always right, so it could not
+    tell a good model from a bad one), else at least one.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise SiameseError(f"Expected --val-fraction in [0, 1). Received: {val_fraction}")
@@ -319,7 +321,7 @@ def split_by_item(catalog: Catalog, val_fraction: float = 0.2, seed: int = 0) ->
             f"A validation split needs at least 2 items; the catalog has {n}. "
             "Fix: add items, or pass --val-fraction 0."
         )
-    n_val = min(max(1, round(n * val_fraction)), n - 1)
+    n_val = min(max(2 if n >= 4 else 1, round(n * val_fraction)), n - 1)
     ids = sorted(item.id for item in catalog.items)
     order = np.random.default_rng(seed).permutation(n)
     val_ids = {ids[i] for i in order[:n_val]}

@@ -127,12 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "train", help="train a siamese embedding network on a labeled catalog",
-        description="Train an embedding network with the contrastive (or triplet) loss over every pair of images "
-        "in batches of a few images of each of several items, drawn fresh every epoch (--mining pairs: over pairs "
-        "drawn one by one). "
-        "Runs the checks of validate first, keeps the best model by validation precision@1 at --out (with "
-        ".config.json and .manifest.json beside it), and resumes from the last finished epoch when the same "
-        "command is run again after a crash.",
+        description="Train an embedding network with a contrastive loss over every pair of images in batches of a "
+        "few images of each of several items, drawn fresh every epoch (--mining pairs: over pairs drawn one by "
+        "one), each image augmented in training only. Runs the checks of validate first, scores the held-out "
+        "items before training and after every epoch, keeps the best model by --monitor at --out (the untrained "
+        "network when no epoch beats it, with a warning; .config.json, .manifest.json and .history.json beside "
+        "it), and resumes from the last finished epoch when the same command is run again after a crash.",
     )
     _add_catalog_args(p)
     d = TrainConfig
@@ -160,8 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainable-layers", type=int, default=None, metavar="N",
                    help="0 freezes the backbone, N fine-tunes its top N layers (default: train all)")
     p.add_argument("--loss", default=d.loss, choices=LOSSES,
-                   help=f"contrastive on pairs, or triplet on (anchor, positive, negative) triplets (default {d.loss})")
-    p.add_argument("--margin", type=float, default=d.margin, help=f"contrastive margin (default {d.margin})")
+                   help=f"contrastive on pairs (the seed's), triplet on (anchor, positive, negative) triplets, or "
+                   f"supcon, supervised contrastive with a --temperature (batch-all only) (default {d.loss})")
+    p.add_argument("--margin", type=float, default=d.margin,
+                   help=f"contrastive and triplet margin (default {d.margin})")
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help=f"supcon temperature (default {d.temperature})")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d.augment,
+                   help="random rotation, shift, zoom and contrast of training images, in training only (default: "
+                   f"{'on' if d.augment else 'off'})")
+    p.add_argument("--flip", action="store_true", help="random horizontal flips too, with --augment (default off)")
+    p.add_argument("--views", type=int, default=d.views,
+                   help=f"augmented views of each image in a batch-all batch, positives of each other (instance "
+                   f"positives); 1 with --no-augment (default {d.views})")
+    p.add_argument("--monitor", default=d.monitor, choices=TrainConfig.MONITORS,
+                   help=f"what picks the best epoch: MAP@R or precision@1 of the held-out items, or the validation "
+                   f"loss (default {d.monitor})")
     p.add_argument("--learning-rate", type=float, default=d.learning_rate,
                    help="AdamW's (default: 0.003 for small_cnn, 0.001 for pretrained backbones)")
     p.add_argument("--lr-schedule", default=d.lr_schedule, choices=TrainConfig.LR_SCHEDULES,
@@ -172,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"items held out for validation (default {d.val_fraction})")
     p.add_argument("--val-pairs", type=int, default=d.val_pairs, help=f"validation pairs (default {d.val_pairs})")
     p.add_argument("--val-images", type=int, default=d.val_images,
-                   help=f"held-out images for precision@1 (default {d.val_images})")
+                   help=f"held-out images for precision@1 and MAP@R (default {d.val_images})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
     p.add_argument("--cache", default=d.cache, choices=("auto", *CACHES),
                    help="decoded images: in memory, on disk, or decoded every batch (default auto: memory if it "
@@ -262,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="how well a model finds the right item, against the untrained baseline",
         description="Embed every image of a labeled catalog and report leave-one-out retrieval among its items "
         "(precision@1, R-precision, MAP@R as in pytorch-metric-learning, recall@k: a same-item image among the "
-        "k nearest), for the model and for the network it was trained from (untrained baseline), plus the "
+        "k nearest), for the model, for the network it was trained from (untrained baseline) and for raw pixels (the "
+        "images at the model's input size, flattened and L2-normalised: no learning at all), plus the "
         "distance threshold for 'same item?' with the best F1 on pairs drawn from the catalog.",
     )
     _add_catalog_args(p)
@@ -273,18 +288,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the threshold pairs (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     p.add_argument("--no-baseline", action="store_true", help="skip the untrained baseline")
+    p.add_argument("--no-pixels", action="store_true", help="skip the raw-pixel baseline (no learning at all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=_evaluate)
 
     p = commands.add_parser(
-        "make-dataset", help="write a real catalog (Fashion-MNIST or digits) as images + labeled JSON",
+        "make-dataset", help="write a real catalog (Fashion-MNIST, digits or font glyphs) as images + labeled JSON",
         description="Write a dataset that needs no download as PNG files and labeled JSON: "
-        "OUT/train.json, OUT/test.json and OUT/images/. Item = class.",
+        "OUT/train.json, OUT/test.json and OUT/images/. fashion-mnist and digits: item = class. glyphs: item = "
+        "one letter drawn in every installed font that has it (Omniglot-style), train and test split by script, "
+        "so no test script appears in training; OUT/source.json records the fonts and scripts.",
     )
-    p.add_argument("--source", choices=("fashion-mnist", "digits"), required=True,
-                   help="fashion-mnist (Debian's dataset-fashion-mnist or Keras's cache) or digits (scikit-learn)")
+    p.add_argument("--source", choices=("fashion-mnist", "digits", "glyphs"), required=True,
+                   help="fashion-mnist (Debian's dataset-fashion-mnist or Keras's cache), digits (scikit-learn) or "
+                   "glyphs (the installed fonts: Debian's fonts-noto-core and friends)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="keep the first N images of each split")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="keep the first N images of each split (glyphs: the first N letters of each script)")
+    p.add_argument("--seed", type=int, default=0, help="glyphs: the random scale, rotation and shift (default 0)")
+    p.add_argument("--image-size", type=int, default=None, metavar="N", help="glyphs: pixels (default 32)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(run=_make_dataset)
 
@@ -469,37 +491,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     import json
 
     from siamese.catalog import load_catalog
-    from siamese.embed import embed_catalog, untrained_like
-    from siamese.evaluate import evaluate_embeddings
+    from siamese.embed import evaluate_models, format_evaluations
     from siamese.images import check_images
 
     progress = not args.no_progress
     catalog = check_images(load_catalog(args.labeled_data, args.image_dir), args.on_bad_image, progress=progress)
-    models = [_embedder(args)]
-    if args.keras_model and not args.no_baseline:
-        try:
-            models.append(untrained_like(args.keras_model))
-        except SiameseError as e:
-            warnings.warn(f"no untrained baseline: {e}", UserWarning, stacklevel=1)
-    results = []
-    for model, info in models:
-        embeddings = embed_catalog(model, catalog, args.batch_size, progress=progress)
-        results.append((info, evaluate_embeddings(embeddings, catalog, args.k, args.pairs, args.seed)))
+    results = evaluate_models(catalog, args.keras_model, args.backbone, args.weights, args.image_size,
+                              baseline=not args.no_baseline, pixels=not args.no_pixels, ks=args.k, pairs=args.pairs,
+                              seed=args.seed, batch_size=args.batch_size, progress=progress)
     if args.json:
         print(json.dumps([{"model": info.to_dict(), **e.to_dict()} for info, e in results], indent=2))
         return 0
-    print(f"Retrieval among {plural(len(catalog), 'item')} ({results[0][1].metrics['queries']:,} query images, "
-          "leave-one-out):")
-    names = [k for k in results[0][1].metrics if k != "queries"]
-    titles = {"precision_at_1": "precision@1", "r_precision": "R-precision", "map_at_r": "MAP@R"}
-    width = min(60, max(len(info.source) for info, _ in results))
-    print(f"  {'model':<{width}}" + "".join(f"{titles.get(n, n.replace('_at_', '@')):>13}" for n in names))
-    for info, e in results:
-        print(f"  {info.source[-width:]:<{width}}" + "".join(f"{e.metrics[n]:>13.4f}" for n in names))
-    t = results[0][1].threshold
-    print(f"Same item when distance <= {t.distance:.4f} (cosine >= {1 - t.distance**2 / 2:.4f}): precision "
-          f"{t.precision:.4f}, recall {t.recall:.4f}, F1 {t.f1:.4f} on {t.positives + t.negatives:,} pairs "
-          f"({t.positives:,} same-item), calibrated on this catalog")
+    print(format_evaluations(results, catalog))
     return 0
 
 
@@ -514,7 +517,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _make_dataset(args: argparse.Namespace) -> int:
     from siamese.datasets import make_dataset
 
-    written = make_dataset(args.source, args.out, args.limit, progress=not args.no_progress)
+    written = make_dataset(args.source, args.out, args.limit, progress=not args.no_progress, seed=args.seed,
+                           image_size=args.image_size)
     for split, path in written.items():
         print(f"{split}: {path}")
     train = written["train"]

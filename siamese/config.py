@@ -14,7 +14,8 @@ from siamese.errors import SiameseError
 
 CACHES = ("none", "memory", "disk")
 CHECKPOINT_SUFFIXES = (".keras", ".h5", ".hdf5")
-LOSSES = ("contrastive", "triplet")
+LOSSES = ("contrastive", "triplet", "supcon")
+"""contrastive (the seed's), triplet, and supervised contrastive (supcon, batch-all only)."""
 INDEX_BACKENDS = ("balltree", "brute", "hnsw", "faiss")
 """Search engines of `siamese.index.Index`: balltree (the seed's) and brute are exact, hnsw (hnswlib) and faiss
 (exact flat below 100,000 rows, IVF above) are approximate."""
@@ -58,6 +59,9 @@ class TrainConfig:
 
     MININGS: ClassVar[tuple[str, ...]] = ("batch-all", "pairs")
     """`mining`: the loss over every pair (triplet) of P x K batches of images, or over drawn pairs (triplets)."""
+    MONITORS: ClassVar[tuple[str, ...]] = ("val_map_at_r", "val_precision_at_1", "val_loss")
+    """`monitor`: what picks the best epoch; the retrieval figures are of the held-out items, and the untrained
+    network (epoch 0) is a candidate too, so training never hands back a model worse than its start."""
     LR_SCHEDULES: ClassVar[tuple[str, ...]] = ("constant", "cosine")
     """`lr_schedule`: AdamW's learning rate stays constant, or decays to 0 along a cosine over the run."""
 
@@ -78,7 +82,12 @@ class TrainConfig:
     loss: str = "contrastive"
     mining: str = "batch-all"  # see MININGS
     images_per_item: int = 4  # K of a P x K batch with mining="batch-all"
-    margin: float = 1.0
+    margin: float = 1.0  # contrastive and triplet
+    temperature: float = 0.1  # supcon
+    augment: bool = True  # random rotation, shift, zoom and contrast of training images (siamese.augment)
+    flip: bool = False  # random horizontal flips too, with augment
+    views: int = 2  # augmented views of each training image, positives of each other (needs augment)
+    monitor: str = "val_map_at_r"  # see MONITORS
     learning_rate: float | None = None  # AdamW's: 3e-3 for small_cnn (from scratch), 1e-3 for pretrained backbones
     lr_schedule: str = "cosine"  # see LR_SCHEDULES
     weight_decay: float = 0.05  # AdamW's decoupled weight decay, scaled by the learning rate; 0 is Adam
@@ -99,6 +108,16 @@ class TrainConfig:
             raise SiameseError(f"Expected --loss to be one of {', '.join(LOSSES)}. Received: {self.loss!r}")
         if self.mining not in self.MININGS:
             raise SiameseError(f"Expected --mining to be one of {', '.join(self.MININGS)}. Received: {self.mining!r}")
+        if self.loss == "supcon" and self.mining != "batch-all":
+            raise SiameseError(f"Expected --mining batch-all with --loss supcon. Received: {self.mining!r}")
+        if self.monitor not in self.MONITORS:
+            raise SiameseError(f"Expected --monitor to be one of {', '.join(self.MONITORS)}. "
+                               f"Received: {self.monitor!r}")
+        if self.temperature <= 0:
+            raise SiameseError(f"Expected --temperature > 0. Received: {self.temperature}")
+        views = self.views if self.augment and self.mining == "batch-all" else 1
+        if self.views < 1:
+            raise SiameseError(f"Expected --views >= 1. Received: {self.views}")
         for name in ("epochs", "batch_size", "val_images"):
             if getattr(self, name) < 1:
                 raise SiameseError(f"Expected --{name.replace('_', '-')} >= 1. Received: {getattr(self, name)}")
@@ -123,7 +142,7 @@ class TrainConfig:
         if weights == "auto":
             weights = "none" if spec.application is None else "imagenet"
         return dataclasses.replace(self, weights=weights, image_size=self.image_size or spec.image_size,
-                                   learning_rate=learning_rate)
+                                   learning_rate=learning_rate, views=views)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,9 +1,10 @@
-"""Real catalogs with no download: Fashion-MNIST and scikit-learn's digits written as image files + JSON.
+"""Real catalogs with no download: Fashion-MNIST, scikit-learn's digits and font glyphs as image files + JSON.
 
 `make_dataset(source, out)` writes `out/images/{train,test}/<item>/<n>.png`, `out/train.json` and
 `out/test.json` (item = class). Fashion-MNIST is read from Debian's `dataset-fashion-mnist` package
 (/usr/share/datasets/fashion-mnist), else Keras's dataset cache (~/.keras/datasets/fashion-mnist), and
-downloaded through `keras.datasets.fashion_mnist` only when neither has it.
+downloaded through `keras.datasets.fashion_mnist` only when neither has it. "glyphs" draws letters with the
+installed fonts, one item per letter and no labels (`siamese.glyphs`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from PIL import Image
 
 from siamese import atomic
 from siamese.errors import SiameseError
+from siamese.glyphs import make_glyphs
 from siamese.images import parallel_map
 
-Source = Literal["fashion-mnist", "digits"]
-SOURCES = ("fashion-mnist", "digits")
+Source = Literal["fashion-mnist", "digits", "glyphs"]
+SOURCES = ("fashion-mnist", "digits", "glyphs")
 FASHION_MNIST_CLASSES = (
     "tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot",
 )
@@ -91,17 +93,23 @@ def load_digits() -> tuple[dict[str, Split], str]:
     )
 
 
-def make_dataset(source: Source, out: str | os.PathLike, limit: int | None = None,
-                 progress: bool = True) -> dict[str, Path]:
+def make_dataset(source: Source, out: str | os.PathLike, limit: int | None = None, progress: bool = True,
+                 seed: int = 0, image_size: int | None = None) -> dict[str, Path]:
     """Write `source` as PNG files and a labeled JSON per split under `out`; return the JSON paths.
 
     `limit` keeps the first N images of each split (both datasets are stored in shuffled order, so the
-    classes stay balanced). Each class is one item, named after the class.
+    classes stay balanced). Each class is one item, named after the class. For "glyphs", `limit` keeps the
+    first N letters of each script, and `seed` (default 0) and `image_size` (default 32) apply to it alone.
     """
     if source not in SOURCES:
         raise SiameseError(f"Expected --source to be one of {', '.join(SOURCES)}. Received: {source!r}")
     if limit is not None and limit < 2:
         raise SiameseError(f"Expected --limit >= 2. Received: {limit}")
+    if source == "glyphs":
+        return make_glyphs(out, seed=seed, image_size=32 if image_size is None else image_size, progress=progress,
+                           max_items_per_script=limit)
+    if image_size is not None:
+        raise SiameseError(f"Expected --image-size only with --source glyphs. Received: --source {source}")
     if source == "fashion-mnist":
         splits, origin = load_fashion_mnist()
         names = FASHION_MNIST_CLASSES

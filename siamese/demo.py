@@ -114,7 +114,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
             val_labeled_data=str(written["test"]), epochs=config.epochs, batch_size=config.batch_size,
             pairs_per_epoch=config.pairs_per_epoch, image_size=size, seed=config.seed,
         ), verbose="auto" if progress else 2)
-        print(f"Best val_precision_at_1 {result.best:.4f} at epoch {result.best_epoch}: {checkpoint}")
+        print(f"Best {result.monitor} {result.best:.4f} at epoch {result.best_epoch}: {checkpoint}")
 
     model = load_embedding(checkpoint)
     info = describe(model, str(checkpoint.resolve()))

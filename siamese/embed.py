@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,10 +19,15 @@ import numpy as np
 from siamese.catalog import Catalog
 from siamese.config import PRETRAINED_BACKBONE
 from siamese.errors import SiameseError, plural
+from siamese.evaluate import Evaluation, evaluate_embeddings
 from siamese.images import ImageDecodeError, ImageSource, decode_image
 from siamese.index import Index
 from siamese.models import build_embedding, load_embedding, model_fingerprint
-from siamese.pipeline import Cache, image_dataset
+from siamese.pipeline import Cache, decoded_images, image_dataset
+
+RAW_PIXELS = "raw pixels"
+"""The source name of the baseline with no learning: each image's pixels at the model's input size, flattened
+and L2-normalised, so distances compare like a network's cosine-normalised embeddings."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,63 @@ def embed_catalog(
     dataset = image_dataset(catalog, int(model.input_shape[1]), batch_size, cache, workers)
     embeddings = model.predict(dataset, verbose=1 if progress else 0)
     return np.asarray(embeddings, np.float32).reshape(len(catalog.filenames), -1)
+
+
+def pixel_embeddings(catalog: Catalog, image_size: int, progress: bool = True) -> np.ndarray:
+    """The raw-pixel baseline `(images, size * size * 3)` float32 of every image of `catalog`: pixels as the
+    network sees them (`decode_image` at `image_size`), flattened and L2-normalised (see `RAW_PIXELS`)."""
+    pixels = decoded_images(catalog, image_size, progress=progress).reshape(len(catalog.filenames), -1)
+    vectors = pixels.astype(np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def evaluate_models(
+    catalog: Catalog, keras_model: str | os.PathLike | None = None, backbone: str = PRETRAINED_BACKBONE,
+    weights: str | None = "imagenet", image_size: int | None = None, *, baseline: bool = True,
+    pixels: bool = True, ks: Sequence[int] = (1, 5, 10), pairs: int = 4096, seed: int = 0, batch_size: int = 64,
+    progress: bool = True,
+) -> list[tuple[ModelInfo, Evaluation]]:
+    """Leave-one-out retrieval among `catalog`'s items for a model and its baselines: `(ModelInfo, Evaluation)`
+    for the model (`load_embedder`'s arguments), then with `baseline` (default) and a `keras_model` the
+    network it started from (`untrained_like`), then with `pixels` (default) raw pixels at the model's size.
+
+    What `evaluate` prints; evaluate on items the model never saw in training to judge how it generalises.
+    """
+    model, info = load_embedder(keras_model, backbone, weights, image_size)
+    models = [(model, info)]
+    if keras_model is not None and baseline:
+        try:
+            models.append(untrained_like(keras_model))
+        except SiameseError as e:
+            warnings.warn(f"no untrained baseline: {e}", UserWarning, stacklevel=2)
+    results = []
+    for model, info in models:
+        embeddings = embed_catalog(model, catalog, batch_size, progress=progress)
+        results.append((info, evaluate_embeddings(embeddings, catalog, ks, pairs, seed)))
+    if pixels:
+        size = models[0][1].image_size
+        embeddings = pixel_embeddings(catalog, size, progress=progress)
+        info = ModelInfo(RAW_PIXELS, "", size, embeddings.shape[1])
+        results.append((info, evaluate_embeddings(embeddings, catalog, ks, pairs, seed)))
+    return results
+
+
+def format_evaluations(results: list[tuple[ModelInfo, Evaluation]], catalog: Catalog) -> str:
+    """`evaluate_models`' results as the table `evaluate` prints, with the first model's threshold."""
+    first = results[0][1]
+    lines = [f"Retrieval among {plural(len(catalog), 'item')} ({first.metrics['queries']:,} query images, "
+             "leave-one-out):"]
+    names = [k for k in first.metrics if k != "queries"]
+    titles = {"precision_at_1": "precision@1", "r_precision": "R-precision", "map_at_r": "MAP@R"}
+    width = min(60, max(len(info.source) for info, _ in results))
+    lines.append(f"  {'model':<{width}}" + "".join(f"{titles.get(n, n.replace('_at_', '@')):>13}" for n in names))
+    for info, e in results:
+        lines.append(f"  {info.source[-width:]:<{width}}" + "".join(f"{e.metrics[n]:>13.4f}" for n in names))
+    t = first.threshold
+    lines.append(f"Same item when distance <= {t.distance:.4f} (cosine >= {1 - t.distance**2 / 2:.4f}): precision "
+                 f"{t.precision:.4f}, recall {t.recall:.4f}, F1 {t.f1:.4f} on {t.positives + t.negatives:,} pairs "
+                 f"({t.positives:,} same-item), calibrated on this catalog")
+    return "\n".join(lines)
 
 
 def embed_images(model: keras.Model, sources: Sequence[ImageSource], batch_size: int = 64) -> np.ndarray:

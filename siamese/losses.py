@@ -1,9 +1,12 @@
-"""The contrastive loss of Hadsell, Chopra and LeCun (CVPR 2006) and a triplet loss, each also in a batch-all form.
+"""The contrastive loss of Hadsell, Chopra and LeCun (CVPR 2006) and a triplet loss, each also in a batch-all
+form, and the supervised contrastive loss of Khosla et al. (NeurIPS 2020), batch-all only.
 
 Label convention (as in `siamese.pairs`): **y = 1 for the same item**, y = 0 for different items.
 For a pair at distance d: similar pairs cost d^2 (pulled together), dissimilar pairs cost
 max(margin - d, 0)^2 (pushed apart until they are `margin` away). The loss is the mean over the batch.
 The batch-all forms apply the same costs to every pair (triplet) of a batch of embeddings (online mining).
+A batch-all loss also takes several augmented views of each image, `(b, views, dim)`: two views of one
+image are then a positive pair too (instance positives, as in SimCLR and SupCon).
 """
 
 from __future__ import annotations
@@ -65,15 +68,30 @@ class TripletLoss(_MarginLoss):
 
 def _batch_pairs(y_true, embeddings):
     """Among a batch's rows (see `batch_contrastive_loss` for `y_true`): the positive-pair mask, the
-    negative-pair mask and the squared Euclidean distances, each `(b, b)` float32."""
+    negative-pair mask and the embeddings as rows, `(n, n)`, `(n, n)` float32 and `(n, dim)` float32.
+
+    `embeddings` `(b, dim)` gives n = b rows; `(b, views, dim)` gives n = views x b rows (view by view),
+    where two views of one image are a positive pair and every view keeps its image's relations.
+    """
     y = ops.cast(y_true, "float32")
     e = ops.cast(embeddings, "float32")
     relation = ops.take(y[:, 1:], ops.cast(y[:, 0], "int32"), axis=1)  # (b, b): the rows among themselves
-    norms = ops.sum(ops.square(e), axis=1)
-    squared = ops.maximum(norms[:, None] + norms[None, :] - 2.0 * ops.matmul(e, ops.transpose(e)), 1e-9)
+    if len(e.shape) == 3:
+        views = e.shape[1]
+        e = ops.reshape(ops.transpose(e, (1, 0, 2)), (-1, e.shape[2]))
+        relation = ops.tile(relation, (views, views))
+        n = ops.shape(relation)[0]
+        same_image = ops.tile(ops.eye(ops.shape(y)[0]), (views, views)) - ops.eye(n)
+        relation = ops.where(same_image > 0, 1.0, relation)
     positive = ops.cast(ops.equal(relation, 1.0), "float32")
     negative = ops.cast(ops.equal(relation, 0.0), "float32")
-    return positive, negative, squared
+    return positive, negative, e
+
+
+def _squared_distances(e):
+    """`(n, n)` squared Euclidean distances among the rows of `e`, at least 1e-9 (a finite sqrt gradient)."""
+    norms = ops.sum(ops.square(e), axis=1)
+    return ops.maximum(norms[:, None] + norms[None, :] - 2.0 * ops.matmul(e, ops.transpose(e)), 1e-9)
 
 
 def _active_mean(cost, mask):
@@ -95,7 +113,8 @@ def batch_contrastive_loss(y_true, embeddings, margin: float = 1.0):
     apart add nothing and are not counted, so the loss does not fade as most pairs become easy). A batch
     without a kind of pair adds 0 for it.
     """
-    positive, negative, squared = _batch_pairs(y_true, embeddings)
+    positive, negative, e = _batch_pairs(y_true, embeddings)
+    squared = _squared_distances(e)
     pulled = ops.sum(positive * squared) / ops.maximum(ops.sum(positive), 1.0)
     return pulled + _active_mean(ops.square(ops.maximum(margin - ops.sqrt(squared), 0.0)), negative)
 
@@ -107,9 +126,47 @@ def batch_triplet_loss(y_true, embeddings, margin: float = 1.0):
     `max(d(a, p)^2 - d(a, n)^2 + margin, 0)`; the loss is the mean over the triplets that cost something.
     `y_true` as in `batch_contrastive_loss`.
     """
-    positive, negative, squared = _batch_pairs(y_true, embeddings)
+    positive, negative, e = _batch_pairs(y_true, embeddings)
+    squared = _squared_distances(e)
     cost = ops.maximum(squared[:, :, None] - squared[:, None, :] + margin, 0.0)  # (anchor, positive, negative)
     return _active_mean(cost, positive[:, :, None] * negative[:, None, :])
+
+
+def batch_supcon_loss(y_true, embeddings, temperature: float = 0.1):
+    """The supervised contrastive loss (Khosla et al. 2020, L_out) over a batch of L2-normalised embeddings.
+
+    Each row i is an anchor; for each of its positives p, the cost is
+    `-log(exp(s_ip / t) / sum_a exp(s_ia / t))` with s the cosine similarity and a every other row that is a
+    positive or a negative of i (pairs of items sharing a label are left out). A row's cost is the mean over
+    its positives; the loss is the mean over the rows that have one. `y_true` as in `batch_contrastive_loss`.
+    """
+    positive, negative, e = _batch_pairs(y_true, embeddings)
+    logits = ops.matmul(e, ops.transpose(e)) / temperature
+    paired = positive + negative
+    # a large negative, not -inf, for the rows left out: a row with no pair stays finite (and counts 0)
+    log_prob = logits - ops.logsumexp(ops.where(paired > 0, logits, -1e9), axis=1, keepdims=True)
+    counts = ops.sum(positive, axis=1)
+    per_row = -ops.sum(positive * log_prob, axis=1) / ops.maximum(counts, 1.0)
+    anchors = ops.cast(counts > 0, "float32")
+    return ops.sum(per_row * anchors) / ops.maximum(ops.sum(anchors), 1.0)
+
+
+@keras.saving.register_keras_serializable(package="siamese")
+class BatchSupConLoss(keras.losses.Loss):
+    """`batch_supcon_loss` as a serializable Keras loss (y_pred: embeddings); `temperature` defaults to 0.1."""
+
+    def __init__(self, temperature: float = 0.1, name: str = "batch_supcon_loss", reduction="sum_over_batch_size",
+                 dtype=None):
+        if temperature <= 0:
+            raise ValueError(f"Expected temperature > 0. Received: temperature={temperature}")
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.temperature = float(temperature)
+
+    def call(self, y_true, y_pred):
+        return batch_supcon_loss(y_true, y_pred, self.temperature)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "temperature": self.temperature}
 
 
 @keras.saving.register_keras_serializable(package="siamese")

@@ -112,12 +112,19 @@ def build_embedding(
     return model
 
 
-def build_siamese(embedding: keras.Model) -> keras.Model:
-    """Two uint8 images in, the Euclidean distance of their embeddings out `(batch, 1)`: for pair losses."""
+def _embedder(embedding: keras.Model, augment: keras.Model | None):
+    """`embedding`, or `embedding` of `augment`ed images (the augmentation acting in training only)."""
+    return embedding if augment is None else lambda x: embedding(augment(x))
+
+
+def build_siamese(embedding: keras.Model, augment: keras.Model | None = None) -> keras.Model:
+    """Two uint8 images in, the Euclidean distance of their embeddings out `(batch, 1)`: for pair losses.
+    With `augment`, each image is augmented before it is embedded, in training only."""
     shape = embedding.input_shape[1:]
     a = keras.Input(shape, dtype="uint8", name="image_a")
     b = keras.Input(shape, dtype="uint8", name="image_b")
-    distance = EuclideanDistance(name="distance")([embedding(a), embedding(b)])
+    embed = _embedder(embedding, augment)
+    distance = EuclideanDistance(name="distance")([embed(a), embed(b)])
     return keras.Model([a, b], distance, name="siamese")
 
 
@@ -151,17 +158,32 @@ def _all_gather(context: tf.distribute.ReplicaContext, x: tf.Tensor) -> tf.Tenso
     return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat(shares, axis=0))
 
 
-def build_batch_all(embedding: keras.Model) -> keras.Model:
-    """uint8 images in, their embeddings out: for the batch-all losses (`siamese.losses.batch_*`)."""
+def build_batch_all(embedding: keras.Model, augment: keras.Model | None = None, views: int = 1) -> keras.Model:
+    """uint8 images in, their embeddings out: for the batch-all losses (`siamese.losses.batch_*`).
+
+    With `augment` (e.g. `siamese.augment.augmentation()`), each image is augmented before it is embedded, in
+    training only. `views` > 1 embeds that many augmented views of each image: `(batch, views, dim)` out, the
+    views being positives of each other.
+    """
     images = keras.Input(embedding.input_shape[1:], dtype="uint8", name="images")
-    return BatchAll(images, embedding(images), name="batch_all")
+    if views < 1 or (views > 1 and augment is None):
+        raise SiameseError(f"Expected views >= 1, and augmentation for views > 1. Received: views={views}, "
+                           f"augment={augment}")
+    if views == 1:
+        outputs = _embedder(embedding, augment)(images)
+    else:
+        outputs = keras.layers.Concatenate(axis=1, name="views")(
+            [keras.layers.Reshape((1, -1))(embedding(augment(images))) for _ in range(views)])
+    return BatchAll(images, outputs, name="batch_all")
 
 
-def build_triplet(embedding: keras.Model) -> keras.Model:
-    """Anchor, positive and negative images in; `(batch, 2)` distances anchor-positive, anchor-negative out."""
+def build_triplet(embedding: keras.Model, augment: keras.Model | None = None) -> keras.Model:
+    """Anchor, positive and negative images in; `(batch, 2)` distances anchor-positive, anchor-negative out.
+    With `augment`, each image is augmented before it is embedded, in training only."""
     shape = embedding.input_shape[1:]
     anchor, positive, negative = (keras.Input(shape, dtype="uint8", name=n) for n in ("anchor", "positive", "negative"))
-    e_a, e_p, e_n = embedding(anchor), embedding(positive), embedding(negative)
+    embed = _embedder(embedding, augment)
+    e_a, e_p, e_n = embed(anchor), embed(positive), embed(negative)
     d_ap = EuclideanDistance(name="distance_positive")([e_a, e_p])
     d_an = EuclideanDistance(name="distance_negative")([e_a, e_n])
     distances = keras.layers.Concatenate(dtype="float32", name="distances")([d_ap, d_an])

@@ -67,7 +67,8 @@ def show_pairs(catalog: Catalog, pairs: Pairs, n: int = 8, image_size: int = 96)
 
 
 def plot_history(history: Sequence[dict]):
-    """Training curves from `train`'s history (one dict per epoch): loss and val_loss, and val_precision_at_1."""
+    """Training curves from `train`'s history (one dict per epoch, epoch 0 the untrained network): loss and
+    val_loss, and the held-out items' precision@1 and MAP@R."""
     import matplotlib.pyplot as plt
 
     epochs = [h.get("epoch", n + 1) for n, h in enumerate(history)]
@@ -75,11 +76,14 @@ def plot_history(history: Sequence[dict]):
     for key, style in (("loss", "-o"), ("val_loss", "--o")):
         if any(key in h for h in history):
             left.plot(epochs, [h.get(key, np.nan) for h in history], style, label=key.replace("_", " "))
-    left.set(xlabel="epoch", ylabel="contrastive loss", title="Loss")
+    left.set(xlabel="epoch", ylabel="loss", title="Loss")
     left.legend()
-    if any("val_precision_at_1" in h for h in history):
-        right.plot(epochs, [h.get("val_precision_at_1", np.nan) for h in history], "-o", color="tab:green")
-    right.set(xlabel="epoch", ylabel="precision@1", title="Held-out items: nearest image is the same item")
+    curves = (("val_precision_at_1", "precision@1", "tab:green"), ("val_map_at_r", "MAP@R", "tab:blue"))
+    for key, label, color in curves:
+        if any(key in h for h in history):
+            right.plot(epochs, [h.get(key, np.nan) for h in history], "-o", color=color, label=label)
+    right.set(xlabel="epoch (0: untrained)", ylabel="retrieval", title="Held-out items (never trained on)")
+    right.legend()
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)

@@ -1,10 +1,12 @@
 """Training: a validated catalog in, the best embedding network out, resumable after any crash.
 
 `train(TrainConfig(...))` runs the same checks as `validate`, splits by item, streams fresh pairs every
-epoch, trains the siamese network with Keras `fit`, reports validation loss and precision@1 of held-out
-items each epoch, and keeps the best embedding network (`.keras`, or HDF5 for `.h5`/`.hdf5` names) with
-its configuration and a manifest beside it. A run killed at any point and started again with the same
-settings goes on from its last finished epoch and ends with the same weights (on the CPU).
+epoch, trains the siamese network with Keras `fit`, reports validation loss, precision@1 and MAP@R of
+held-out items before training and after each epoch, and keeps the best embedding network (`.keras`, or HDF5
+for `.h5`/`.hdf5` names) with its configuration and a manifest beside it. The untrained network is a
+candidate: when no epoch beats it on held-out items, its weights are kept, with a warning. A run killed at
+any point and started again with the same settings goes on from its last finished epoch and ends with the
+same weights (on the CPU).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import math
 import os
 import platform
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +25,14 @@ import numpy as np
 import tensorflow as tf
 
 from siamese import __version__, atomic
+from siamese.augment import augmentation
 from siamese.catalog import Catalog, load_catalog, split_by_item
 from siamese.config import TrainConfig
 from siamese.distribute import cluster, distribute_batches, training_strategy, worker_path
 from siamese.errors import SiameseError
-from siamese.evaluate import precision_at_1
+from siamese.evaluate import retrieval_metrics
 from siamese.images import check_images
-from siamese.losses import BatchContrastiveLoss, BatchTripletLoss, ContrastiveLoss, TripletLoss
+from siamese.losses import BatchContrastiveLoss, BatchSupConLoss, BatchTripletLoss, ContrastiveLoss, TripletLoss
 from siamese.models import build_batch_all, build_embedding, build_siamese, build_triplet
 from siamese.pairs import PairSampler
 from siamese.pipeline import batch_dataset, decoded_images, pair_dataset, steps_per_epoch
@@ -48,8 +52,14 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
 
     Keras writes the weights, then the epoch: a kill between the two resumes the wrong epoch with the
     next epoch's weights. Here each epoch's weights go to their own file (temp + rename), then the
-    metadata naming them is renamed into place, so what is on disk always agrees.
+    metadata naming them is renamed into place, so what is on disk always agrees. The metadata also holds the
+    states of the random augmentation layers' seed generators, which weights files leave out, so a resumed run
+    augments the same way as an uninterrupted one.
     """
+
+    def _seed_states(self) -> list:
+        weights = {id(v) for v in self.model.weights}
+        return [v for v in self.model.variables if id(v) not in weights]
 
     def saved_epoch(self) -> int:
         """The epoch a restarted run will begin at (0 without a backup)."""
@@ -63,7 +73,9 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         name = f"epoch-{self._current_epoch}.weights.h5"
         with atomic.atomic_path(Path(self.backup_dir) / name, suffix=".weights.h5") as tmp:
             self.model.save_weights(tmp)
-        atomic.write_json(self._training_metadata_path, {"epoch": self._current_epoch, "batch": 0, "weights": name})
+        seeds = [keras.ops.convert_to_numpy(v).tolist() for v in self._seed_states()]
+        atomic.write_json(self._training_metadata_path,
+                          {"epoch": self._current_epoch, "batch": 0, "weights": name, "seeds": seeds})
         for old in Path(self.backup_dir).glob("epoch-*.weights.h5"):
             if old.name != name:
                 old.unlink(missing_ok=True)
@@ -75,49 +87,76 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
             return
         self._weights_path = str(Path(self.backup_dir) / metadata["weights"])
         super()._load_model()
+        for variable, state in zip(self._seed_states(), metadata["seeds"], strict=True):
+            variable.assign(np.asarray(state, variable.dtype))
 
 
 class RetrievalMetrics(keras.callbacks.Callback):
-    """Adds `val_precision_at_1` to each epoch's logs: leave-one-out nearest neighbour among held-out images."""
+    """Adds `val_precision_at_1` and `val_map_at_r` to each epoch's logs: leave-one-out retrieval among held-out
+    images (`siamese.evaluate.retrieval_metrics`). With `initial`, also measures the untrained network when
+    training begins, as `self.initial`."""
 
-    def __init__(self, embedding: keras.Model, images: np.ndarray, items: np.ndarray, batch_size: int):
+    def __init__(self, embedding: keras.Model, images: np.ndarray, items: np.ndarray, batch_size: int,
+                 initial: bool = True):
         super().__init__()
         self.embedding, self.images, self.items, self.batch_size = embedding, images, items, batch_size
+        self.measure_initial = initial
+        self.initial: dict[str, float] | None = None
 
-    def on_epoch_end(self, epoch, logs=None):
+    def measure(self) -> dict[str, float]:
         # a plain call, outside any tf.distribute strategy: every worker measures all images on its own
         vectors = np.concatenate([keras.ops.convert_to_numpy(self.embedding(self.images[i : i + self.batch_size]))
                                   for i in range(0, len(self.images), self.batch_size)])
-        logs["val_precision_at_1"] = precision_at_1(vectors, self.items)
+        if not np.isfinite(vectors).all():  # a diverged run: an epoch that cannot be the best
+            return {"val_precision_at_1": math.nan, "val_map_at_r": math.nan}
+        metrics = retrieval_metrics(vectors, self.items, ks=(1,))
+        return {"val_precision_at_1": metrics["precision_at_1"], "val_map_at_r": metrics["map_at_r"]}
+
+    def on_train_begin(self, logs=None):
+        if self.measure_initial:
+            self.initial = self.measure()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs.update(self.measure())
 
 
 class BestCheckpoint(keras.callbacks.Callback):
     """Saves the embedding network atomically whenever `monitor` improves (`mode` max or min), or after every
     epoch (`mode` last); keeps the per-epoch history.
 
-    Its state (best value, history) lives in the backup folder, so a resumed run compares against the best
-    of the epochs before the crash. At the end the history is written beside the checkpoint.
+    With `metrics` that measured the untrained network, that is epoch 0: saved first, and kept when no
+    epoch beats it. Its state (best value, history) lives in the backup folder, so a resumed run compares
+    against the best of the epochs before the crash. At the end the history is written beside the checkpoint.
     """
 
-    def __init__(self, embedding: keras.Model, path: Path, monitor: str, mode: str, state: Path, start_epoch: int):
+    def __init__(self, embedding: keras.Model, path: Path, monitor: str, mode: str, state: Path, start_epoch: int,
+                 metrics: RetrievalMetrics | None = None):
         super().__init__()
         self.embedding, self.path, self.monitor, self.mode, self.state = embedding, path, monitor, mode, state
+        self.metrics = metrics
         self.best: float | None = None
         self.best_epoch: int | None = None
         self.history: list[dict] = []
         if start_epoch and state.exists():
             saved = json.loads(state.read_text())
             self.best, self.best_epoch = saved["best"], saved["best_epoch"]
-            self.history = saved["history"][:start_epoch]
+            self.history = [h for h in saved["history"] if h["epoch"] <= start_epoch]
+
+    def on_train_begin(self, logs=None):
+        if self.metrics is not None and self.metrics.initial is not None:
+            self._record(0, self.metrics.initial)
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = {k: float(v) for k, v in (logs or {}).items()}
-        self.history.append({"epoch": epoch + 1, **logs})
+        self._record(epoch + 1, logs or {})
+
+    def _record(self, epoch: int, logs: dict) -> None:
+        logs = {k: float(v) for k, v in logs.items()}
+        self.history.append({"epoch": epoch, **logs})
         value = logs.get(self.monitor)
         if value is not None and math.isfinite(value) and (
             self.best is None or self.mode == "last" or (value > self.best if self.mode == "max" else value < self.best)
         ):
-            self.best, self.best_epoch = value, epoch + 1
+            self.best, self.best_epoch = value, epoch
             with atomic.atomic_path(self.path, suffix=self.path.suffix) as tmp:
                 self.embedding.save(tmp)
         atomic.write_json(self.state, {"best": self.best, "best_epoch": self.best_epoch, "history": self.history})
@@ -136,6 +175,11 @@ class TrainResult:
     best_epoch: int | None
     history: list[dict]
     resumed_from_epoch: int
+
+    @property
+    def kept_untrained(self) -> bool:
+        """True when no epoch beat the untrained network on held-out items, so its weights were kept."""
+        return self.best_epoch == 0
 
 
 def _versions() -> dict[str, str]:
@@ -183,13 +227,18 @@ def _stream(config: TrainConfig, strategy: tf.distribute.Strategy, sampler: Pair
 
 
 def _training_model(config: TrainConfig, embedding: keras.Model) -> tuple[keras.Model, keras.losses.Loss]:
-    """The model `fit` trains around `embedding` (which alone is saved) and its loss."""
+    """The model `fit` trains around `embedding` (which alone is saved), with the augmentation of training
+    images, and its loss."""
+    augment = augmentation(config.flip, config.seed) if config.augment else None
     if config.mining == "batch-all":
-        loss = BatchTripletLoss(config.margin) if config.loss == "triplet" else BatchContrastiveLoss(config.margin)
-        return build_batch_all(embedding), loss
+        if config.loss == "supcon":
+            loss = BatchSupConLoss(config.temperature)
+        else:
+            loss = BatchTripletLoss(config.margin) if config.loss == "triplet" else BatchContrastiveLoss(config.margin)
+        return build_batch_all(embedding, augment, config.views), loss
     if config.loss == "triplet":
-        return build_triplet(embedding), TripletLoss(config.margin)
-    return build_siamese(embedding), ContrastiveLoss(config.margin)
+        return build_triplet(embedding, augment), TripletLoss(config.margin)
+    return build_siamese(embedding, augment), ContrastiveLoss(config.margin)
 
 
 def _learning_rate(config: TrainConfig, steps: int):
@@ -201,18 +250,25 @@ def _learning_rate(config: TrainConfig, steps: int):
 
 
 def _validation(config: TrainConfig, strategy: tf.distribute.Strategy, val_catalog: Catalog, embedding: keras.Model,
-                cache: str, progress: bool) -> tuple[list, tf.data.Dataset | None, int | None]:
-    """The precision@1 callback and the fixed validation pairs (triplets, batches) with their step count.
+                cache: str, progress: bool, start_epoch: int) -> tuple[list, tf.data.Dataset | None, int | None]:
+    """The retrieval callback and the fixed validation pairs (triplets, batches) with their step count.
 
     Nothing without validation items; no pair loss when the held-out items cannot form both kinds of pair
-    (e.g. a single item), while precision@1 still works.
+    (e.g. a single item), while the retrieval figures still work. The untrained network is measured on a
+    fresh run, not on a resumed one (it was, before the crash).
     """
     if not len(val_catalog):
+        return [], None, None
+    if len(val_catalog) == 1:
+        warnings.warn(f"a single held-out item ({val_catalog.items[0].id}) cannot score retrieval (every neighbour "
+                      "is of its item): keeping the last epoch. Fix: hold out more items (--val-fraction) or pass "
+                      "--val-labeled-data", UserWarning, stacklevel=3)
         return [], None, None
     size = config.image_size
     images = decoded_images(val_catalog, size, "disk" if cache == "disk" else "memory", progress=progress)
     picked = _sample_images(val_catalog, config.val_images, config.seed)
-    metrics = RetrievalMetrics(embedding, images[picked], val_catalog.image_item[picked], config.batch_size)
+    metrics = RetrievalMetrics(embedding, images[picked], val_catalog.image_item[picked], config.batch_size,
+                               initial=start_epoch == 0)
     try:
         sampler = PairSampler(val_catalog, seed=config.seed)
         if config.loss == "triplet":
@@ -276,11 +332,18 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
             optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=config.weight_decay)
             model.compile(optimizer=optimizer, loss=loss, jit_compile="auto" if gpus else False)
 
-        metrics, validation, val_steps = _validation(config, strategy, val_catalog, embedding, cache, progress)
+        metrics, validation, val_steps = _validation(config, strategy, val_catalog, embedding, cache, progress,
+                                                     start_epoch)
         # Nothing held out: the last epoch. A batch-all loss is the mean over the pairs still inside the margin,
         # which grows harder as training goes, so epochs' losses do not say which model is best.
-        monitor, mode = ("val_precision_at_1", "max") if metrics else ("loss", "last")
-        checkpoint = BestCheckpoint(embedding, out, monitor, mode, backup_dir / "best.json", start_epoch)
+        monitor, mode = config.monitor, "max"
+        if not metrics:
+            monitor, mode = "loss", "last"
+        elif monitor == "val_loss":
+            # the held-out items may form no pairs: then there is no val_loss to go by
+            monitor, mode = ("val_loss", "min") if validation is not None else ("val_map_at_r", "max")
+        checkpoint = BestCheckpoint(embedding, out, monitor, mode, backup_dir / "best.json", start_epoch,
+                                    metrics[0] if metrics else None)
         callbacks = [*metrics, checkpoint, backup]  # epoch ends run in this order: measure, keep the best, back up
 
         atomic.write_json(backup_config, config.to_dict())
@@ -306,7 +369,15 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
         keras.mixed_precision.set_global_policy(policy)
 
     manifest["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    manifest["best"] = {"monitor": monitor, "value": checkpoint.best, "epoch": checkpoint.best_epoch}
+    result = TrainResult(out, monitor, checkpoint.best, checkpoint.best_epoch, checkpoint.history, start_epoch)
+    manifest["best"] = {"monitor": monitor, "value": checkpoint.best, "epoch": checkpoint.best_epoch,
+                        "kept_untrained": result.kept_untrained}
     atomic.write_json(sidecar(out, "manifest"), manifest)
-    return TrainResult(out, monitor, checkpoint.best, checkpoint.best_epoch, checkpoint.history, start_epoch)
+    if result.kept_untrained:
+        start = checkpoint.history[0][monitor]
+        trained = [h[monitor] for h in checkpoint.history[1:] if math.isfinite(h.get(monitor, math.nan))]
+        best = f"best epoch {max(trained) if mode == 'max' else min(trained):.4f}" if trained else "no finite epoch"
+        warnings.warn(f"no epoch beat the untrained network on the held-out items ({monitor} {start:.4f} before "
+                      f"training, {best}): {out} keeps the untrained weights", UserWarning, stacklevel=2)
+    return result
 

@@ -198,6 +198,9 @@ def test_split_is_by_item_seeded_and_validated(tmp_path):
     assert len(split_by_item(catalog, 0.0)[1]) == 0
     with pytest.raises(SiameseError, match=r"Expected --val-fraction in \[0, 1\). Received: 1.5"):
         split_by_item(catalog, 1.5)
+    few = catalog.subset({f"item{i}" for i in range(7)})  # 7 x 0.25 rounds to 2; 7 x 0.1 to 1, but 2 are held out
+    assert len(split_by_item(few, 0.1)[1]) == 2 and len(split_by_item(few.subset({"item0", "item1", "item2"}),
+                                                                      0.1)[1]) == 1
     one = catalog.subset({"item0"})
     with pytest.raises(SiameseError, match="A validation split needs at least 2 items; the catalog has 1"):
         split_by_item(one, 0.2)

@@ -11,6 +11,7 @@ import pytest
 
 from siamese.catalog import load_catalog
 from siamese.embed import describe, embed_images
+from siamese.images import decode_image
 from siamese.index import Index, merge_parts
 from siamese.models import build_embedding
 from tests.conftest import solid_catalog, write_image
@@ -242,12 +243,12 @@ def test_similarity_command_like_imagesim(workdir, run_cli):
     assert {e["filename"] for e in entries} == {"cabin0", "cabin1", "modern0", "modern1"}
 
 
-def test_evaluate_reports_the_model_and_its_untrained_baseline(workdir, run_cli):
+def test_evaluate_reports_the_model_its_untrained_baseline_and_raw_pixels(workdir, run_cli):
     args = ("evaluate", "--keras-model", "checkpoints/file_saved_by_notebook.hdf5", "--labeled-data",
             "data/labeled.json", "--image-dir", "data", "--no-progress", "--k", "1", "2", "--pairs", "64")
     code, out, err = run_cli(*args, "--json")
     assert code == 0, err
-    model_report, baseline = json.loads(out)
+    model_report, baseline, pixels = json.loads(out)
     assert model_report["model"]["source"].endswith("file_saved_by_notebook.hdf5")
     assert baseline["model"]["source"] == "untrained copy of the architecture (random weights, seed 0)"
     assert baseline["model"]["fingerprint"] != model_report["model"]["fingerprint"]
@@ -259,11 +260,21 @@ def test_evaluate_reports_the_model_and_its_untrained_baseline(workdir, run_cli)
     want = retrieval_metrics(embed_images(model, list(catalog.paths)), catalog.image_item, (1, 2))
     assert model_report["metrics"] == pytest.approx(want)
     assert set(model_report["threshold"]) >= {"distance", "precision", "recall", "f1"}
+    # raw pixels: the images as the model sees them, flattened and L2-normalised, searched the same way
+    size = model.input_shape[1]
+    assert pixels["model"] == {"source": "raw pixels", "fingerprint": "", "image_size": size,
+                               "embedding_dim": size * size * 3}
+    raw = np.stack([decode_image(p, size) for p in catalog.paths]).reshape(len(catalog.paths), -1).astype(float)
+    raw /= np.linalg.norm(raw, axis=1, keepdims=True)
+    assert pixels["metrics"] == pytest.approx(retrieval_metrics(raw, catalog.image_item, (1, 2)))
 
     code, out, err = run_cli(*args)
     assert code == 0, err
     assert "precision@1  R-precision        MAP@R     recall@1     recall@2" in out
     assert "untrained copy of the architecture" in out and "Same item when distance <=" in out
+    assert "\n  raw pixels " in out
+    code, out, err = run_cli(*args, "--json", "--no-pixels", "--no-baseline")
+    assert code == 0 and len(json.loads(out)) == 1
 
 
 def test_the_baseline_is_rebuilt_from_the_training_settings(workdir):

@@ -10,10 +10,12 @@ import tensorflow as tf
 from siamese.layers import EuclideanDistance
 from siamese.losses import (
     BatchContrastiveLoss,
+    BatchSupConLoss,
     BatchTripletLoss,
     ContrastiveLoss,
     TripletLoss,
     batch_contrastive_loss,
+    batch_supcon_loss,
     batch_triplet_loss,
     contrastive_loss,
     triplet_loss,
@@ -63,6 +65,67 @@ def test_batch_triplet_loss_by_hand():
     assert float(batch_triplet_loss(relations, embeddings)) == pytest.approx(1.4, rel=1e-5)
     assert float(BatchTripletLoss(margin=0.5)(relations, embeddings)) == pytest.approx(0.9, rel=1e-5)
     assert float(batch_triplet_loss(relations[1:], embeddings[1:])) == 0.0  # no positive among rows 1 and 2
+
+
+def supcon_by_numpy(relation: np.ndarray, embeddings: np.ndarray, temperature: float) -> float:
+    """Khosla et al.'s L_out written out loop by loop: an independent computation of the batch loss."""
+    total, anchors = 0.0, 0
+    for i in range(len(embeddings)):
+        others = [a for a in range(len(embeddings)) if relation[i, a] in (0.0, 1.0)]
+        positives = [p for p in others if relation[i, p] == 1.0]
+        if not positives:
+            continue
+        logits = {a: float(embeddings[i] @ embeddings[a]) / temperature for a in others}
+        norm = np.log(sum(np.exp(v) for v in logits.values()))
+        total += -np.mean([logits[p] - norm for p in positives])
+        anchors += 1
+    return total / anchors
+
+
+def test_batch_supcon_loss_against_a_loop_by_hand():
+    relations = np.array([[0, -1, 1, 0], [1, 1, -1, 0], [2, 0, 0, -1]], np.float32)
+    embeddings = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]], np.float32)
+    # anchor 0: positive 1 (cosine 0.6) against 1 and 2 (cosine 0); anchor 1 likewise with 0 (0.6) and 2 (0.8);
+    # anchor 2 has no positive and does not count
+    t = 0.5
+    by_hand = (-(0.6 / t - np.log(np.exp(0.6 / t) + 1)) - (0.6 / t - np.log(np.exp(0.6 / t) + np.exp(0.8 / t)))) / 2
+    assert float(batch_supcon_loss(relations, embeddings, t)) == pytest.approx(by_hand, rel=1e-5)
+    rng = np.random.default_rng(0)
+    items = rng.integers(0, 4, 12)
+    relation = np.where(items[:, None] == items[None, :], 1.0, 0.0).astype(np.float32)
+    relation[[2, 5], [5, 2]] = -1.0  # two items sharing a label: no pair
+    np.fill_diagonal(relation, -1.0)
+    e = rng.normal(size=(12, 8)).astype(np.float32)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    y = np.hstack([np.arange(12, dtype=np.float32)[:, None], relation])
+    want = supcon_by_numpy(relation, e, 0.1)
+    assert float(BatchSupConLoss()(y, e)) == pytest.approx(want, rel=1e-4)
+    no_pairs = np.hstack([y[:, :1], -np.ones((12, 12), np.float32)])
+    assert float(batch_supcon_loss(no_pairs, e)) == 0.0
+
+
+def test_two_views_of_an_image_are_a_positive_pair():
+    # images 0 and 1 of two items sharing no label; each seen twice (views): rows 0, 1 then their second views
+    relations = np.array([[0, -1, 0], [1, 0, -1]], np.float32)
+    views = np.array([[[1.0, 0.0], [0.8, 0.6]], [[0.0, 1.0], [0.6, 0.8]]], np.float32)  # (image, view, dim)
+    flat = np.concatenate([views[:, 0], views[:, 1]])
+    relation = np.array([[-1, 0, 1, 0], [0, -1, 0, 1], [1, 0, -1, 0], [0, 1, 0, -1]], np.float32)
+    want = supcon_by_numpy(relation, flat, 0.1)
+    assert float(batch_supcon_loss(relations, views, 0.1)) == pytest.approx(want, rel=1e-5)
+    # the contrastive loss: the two positive pairs (each image's views) pulled, the close negatives pushed
+    squared = ((flat[:, None] - flat[None]) ** 2).sum(-1)
+    pulled = (squared[0, 2] + squared[1, 3]) / 2
+    push = [max(1 - np.sqrt(squared[i, j]), 0) ** 2 for i in range(4) for j in range(4) if relation[i, j] == 0]
+    push = [c for c in push if c > 0]
+    want = pulled + sum(push) / max(len(push), 1)
+    assert float(batch_contrastive_loss(relations, views)) == pytest.approx(want, rel=1e-5)
+
+
+def test_supcon_serializes_with_its_temperature():
+    again = keras.losses.deserialize(keras.losses.serialize(BatchSupConLoss(temperature=0.3)))
+    assert type(again) is BatchSupConLoss and again.temperature == 0.3
+    with pytest.raises(ValueError, match="Expected temperature > 0. Received: temperature=0"):
+        BatchSupConLoss(temperature=0)
 
 
 @pytest.mark.parametrize("cls", [ContrastiveLoss, TripletLoss, BatchContrastiveLoss, BatchTripletLoss])

@@ -155,3 +155,30 @@ def test_mixed_precision_keeps_embeddings_float32():
         keras.mixed_precision.set_global_policy(policy)
     assert model.get_layer("block0_conv0").compute_dtype == "float16"
     assert model.output.dtype == "float32" and distance.output.dtype == "float32"
+
+
+def test_augmentation_acts_in_training_only(digits):
+    from siamese.augment import augmentation
+    from siamese.catalog import load_catalog
+    from siamese.models import build_batch_all
+    from siamese.pipeline import decoded_images
+
+    images = decoded_images(load_catalog(digits / "test.json", digits), 16, progress=False)[:8]
+    augment = augmentation(seed=0)
+    same = keras.ops.convert_to_numpy(augment(images, training=False))
+    assert same.dtype == np.uint8 and np.array_equal(same, images)
+    changed = keras.ops.convert_to_numpy(augment(images, training=True))
+    assert changed.dtype == np.uint8 and changed.shape == images.shape and not np.array_equal(changed, images)
+
+    keras.utils.set_random_seed(0)
+    embedding = build_embedding("small_cnn", 16, 8)
+    plain = embedding.predict(images, verbose=0)
+    model = build_batch_all(embedding, augment, views=2)
+    inference = keras.ops.convert_to_numpy(model(images, training=False))
+    assert inference.shape == (8, 2, 8)
+    np.testing.assert_allclose(inference[:, 0], plain, atol=1e-6)
+    np.testing.assert_allclose(inference[:, 1], plain, atol=1e-6)
+    training = keras.ops.convert_to_numpy(model(images, training=True))
+    assert not np.allclose(training[:, 0], training[:, 1])  # two different views of each image
+    with pytest.raises(SiameseError, match="Expected views >= 1, and augmentation for views > 1. Received: views=2"):
+        build_batch_all(embedding, None, views=2)

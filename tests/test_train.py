@@ -41,7 +41,7 @@ def test_training_lowers_the_loss_and_beats_the_untrained_model_on_held_out_imag
     config = digits_config(digits, tmp_path / "digits.keras", epochs=3, pairs_per_epoch=4096,
                            val_labeled_data=str(digits / "test.json"))
     result = train(config, verbose=0)
-    losses = [h["loss"] for h in result.history]
+    losses = [h["loss"] for h in result.history[1:]]  # epoch 0 is the untrained network: no loss
     assert len(losses) == 3 and losses[-1] < 0.7 * losses[0]
 
     test = load_catalog(digits / "test.json", digits)
@@ -52,8 +52,14 @@ def test_training_lowers_the_loss_and_beats_the_untrained_model_on_held_out_imag
     before = precision_at_1(untrained.predict(images, verbose=0), test.image_item)
     after = precision_at_1(trained.predict(images, verbose=0), test.image_item)
     assert after > before + 0.05, (before, after)
-    assert result.best == pytest.approx(max(h["val_precision_at_1"] for h in result.history))
-    assert after == pytest.approx(result.best, abs=1e-6)  # the checkpoint is the best epoch's model
+    assert result.monitor == "val_map_at_r"
+    assert result.best == pytest.approx(max(h["val_map_at_r"] for h in result.history))
+    best = result.history[result.best_epoch]  # the checkpoint is the best epoch's model
+    assert result.best_epoch > 0 and after == pytest.approx(best["val_precision_at_1"], abs=1e-6)
+    # epoch 0 is the untrained network, scored before training on the same held-out images
+    assert result.history[0]["epoch"] == 0 and set(result.history[0]) == {"epoch", "val_precision_at_1",
+                                                                          "val_map_at_r"}
+    assert result.history[0]["val_precision_at_1"] == pytest.approx(before, abs=1e-6)
 
 
 def test_checkpoint_config_and_manifest_are_written_beside_each_other(digits, tmp_path):
@@ -71,7 +77,7 @@ def test_checkpoint_config_and_manifest_are_written_beside_each_other(digits, tm
     split = manifest["split"]
     assert len(split["train_items"]) == 8 and len(split["val_items"]) == 2
     assert not set(split["train_items"]) & set(split["val_items"])
-    assert json.loads(sidecar(out, "history").read_text())[0]["epoch"] == 1
+    assert [h["epoch"] for h in json.loads(sidecar(out, "history").read_text())] == [0, 1]
     assert not sidecar(out, "backup").exists()  # removed once training finished
 
 
@@ -105,7 +111,7 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(digits, tmp_path, c
     manifest = json.loads(sidecar(killed, "manifest").read_text())
     assert manifest["resumed_from_epoch"] == saved_epoch
     history = json.loads(sidecar(killed, "history").read_text())
-    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+    assert [h["epoch"] for h in history] == list(range(epochs + 1))
 
     straight = tmp_path / "straight.keras"
     whole = subprocess.run(cli_train(digits, straight, epochs), cwd=ROOT, env=env, capture_output=True, text=True)
@@ -148,7 +154,12 @@ def test_training_runs_the_image_check_first(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [({"out": "model.pt"}, r"Expected --out to end in .keras, .h5, .hdf5. Received: model.pt"),
-     ({"loss": "hinge"}, r"Expected --loss to be one of contrastive, triplet. Received: 'hinge'"),
+     ({"loss": "hinge"}, r"Expected --loss to be one of contrastive, triplet, supcon. Received: 'hinge'"),
+     ({"loss": "supcon", "mining": "pairs"}, r"Expected --mining batch-all with --loss supcon. Received: 'pairs'"),
+     ({"monitor": "loss"}, r"Expected --monitor to be one of val_map_at_r, val_precision_at_1, val_loss. "
+                           r"Received: 'loss'"),
+     ({"temperature": 0.0}, r"Expected --temperature > 0. Received: 0.0"),
+     ({"views": 0}, r"Expected --views >= 1. Received: 0"),
      ({"epochs": 0}, r"Expected --epochs >= 1. Received: 0"),
      ({"margin": -1.0}, r"Expected --margin and --learning-rate > 0"),
      ({"cache": "gpu"}, r"Expected --cache to be auto, none, memory, disk. Received: 'gpu'"),
@@ -176,9 +187,9 @@ def test_cli_train_error_is_one_line(tmp_path):
 def test_triplet_loss_trains_behind_the_same_flag(digits, tmp_path, mining):
     result = train(digits_config(digits, tmp_path / "triplet.keras", epochs=2, loss="triplet", mining=mining),
                    verbose=0)
-    assert [h["epoch"] for h in result.history] == [1, 2]
-    assert result.history[-1]["loss"] < result.history[0]["loss"]
-    assert "val_loss" in result.history[0] and result.monitor == "val_precision_at_1"
+    assert [h["epoch"] for h in result.history] == [0, 1, 2]
+    assert result.history[-1]["loss"] < result.history[1]["loss"]
+    assert "val_loss" in result.history[1] and result.monitor == "val_map_at_r"
     assert keras.saving.load_model(result.checkpoint).output_shape == (None, 16)
 
 
@@ -201,5 +212,48 @@ def test_weight_decay_shrinks_the_weights_by_the_decoupled_rule(digits, tmp_path
 def test_drawn_pairs_train_too(digits, tmp_path):
     config = digits_config(digits, tmp_path / "pairs.keras", epochs=2, mining="pairs", lr_schedule="constant")
     result = train(config, verbose=0)
-    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    assert result.history[-1]["loss"] < result.history[1]["loss"]
     assert json.loads(sidecar(result.checkpoint, "config").read_text())["mining"] == "pairs"
+
+
+def test_a_run_that_wrecks_training_keeps_the_untrained_weights(digits, tmp_path):
+    out = tmp_path / "wrecked.keras"
+    config = digits_config(digits, out, epochs=2, learning_rate=50.0, lr_schedule="constant")
+    message = (r"no epoch beat the untrained network on the held-out items \(val_map_at_r 0\.\d{4} before "
+               r"training, .*\): .*wrecked.keras keeps the untrained weights")
+    with pytest.warns(UserWarning, match=message):
+        result = train(config, verbose=0)
+    assert result.kept_untrained and result.best_epoch == 0
+    assert result.best == result.history[0]["val_map_at_r"] > max(h["val_map_at_r"] for h in result.history[1:])
+    keras.utils.set_random_seed(0)
+    untrained = build_embedding("small_cnn", 16, embedding_dim=16)
+    for kept, start in zip(keras.saving.load_model(out).weights, untrained.weights, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(kept), keras.ops.convert_to_numpy(start))
+    manifest = json.loads(sidecar(out, "manifest").read_text())
+    assert manifest["best"] == {"monitor": "val_map_at_r", "value": result.best, "epoch": 0, "kept_untrained": True}
+    assert json.loads(sidecar(out, "history").read_text())[0]["epoch"] == 0
+
+
+def test_augmented_training_exports_the_pixels_it_validates_on(digits, tmp_path):
+    """Augmentation wraps the embedding network in training only: the checkpoint holds no augmentation layer,
+    embeds held-out images as validation measured them, and its SavedModel gives the same embeddings."""
+    import tensorflow as tf
+
+    from siamese.evaluate import retrieval_metrics
+    from siamese.export import export_savedmodel
+
+    config = digits_config(digits, tmp_path / "augmented.keras", epochs=1, val_images=10_000)
+    result = train(config, verbose=0)
+    assert json.loads(sidecar(result.checkpoint, "config").read_text())["augment"] is True
+    model = keras.saving.load_model(result.checkpoint)
+    assert not [layer.name for layer in model.layers if "augment" in layer.name or "random" in layer.name]
+    manifest = json.loads(sidecar(result.checkpoint, "manifest").read_text())
+    val = load_catalog(digits / "train.json", digits).subset(set(manifest["split"]["val_items"]))
+    pixels = decoded_images(val, 16, progress=False)
+    embeddings = model.predict(pixels, verbose=0)
+    measured = result.history[result.best_epoch]
+    assert retrieval_metrics(embeddings, val.image_item, (1,))["map_at_r"] == pytest.approx(measured["val_map_at_r"],
+                                                                                            abs=1e-6)
+    served = tf.saved_model.load(str(export_savedmodel(model, tmp_path / "export")))
+    out = served.signatures["serve_pixels"](pixels=tf.constant(pixels[:64]))["embeddings"].numpy()
+    np.testing.assert_allclose(out, embeddings[:64], atol=1e-5)
