@@ -124,10 +124,14 @@ class BestCheckpoint(keras.callbacks.Callback):
     """Saves the embedding network atomically whenever `monitor` improves (`mode` max or min), or after every
     epoch (`mode` last); keeps the per-epoch history.
 
-    With `metrics` that measured the untrained network, that is epoch 0: saved first, and kept when no
-    epoch beats it. Its state (best value, history) lives in the backup folder, so a resumed run compares
-    against the best of the epochs before the crash. At the end the history is written beside the checkpoint.
+    With `metrics` that measured the untrained network, that is epoch 0: saved first, and kept unless an
+    epoch beats it, which means better by `monitor` and no worse by any of `RETRIEVAL` on the held-out items
+    (a model that finds the nearest item less often is not better for ranking a little better). Its state
+    (best value, history) lives in the backup folder, so a resumed run compares against the best of the epochs
+    before the crash. At the end the history is written beside the checkpoint.
     """
+
+    RETRIEVAL = ("val_precision_at_1", "val_map_at_r")
 
     def __init__(self, embedding: keras.Model, path: Path, monitor: str, mode: str, state: Path, start_epoch: int,
                  metrics: RetrievalMetrics | None = None):
@@ -142,24 +146,33 @@ class BestCheckpoint(keras.callbacks.Callback):
             self.best, self.best_epoch = saved["best"], saved["best_epoch"]
             self.history = [h for h in saved["history"] if h["epoch"] <= start_epoch]
 
+    @property
+    def start(self) -> dict | None:
+        """The untrained network's held-out figures (epoch 0), if it was measured."""
+        return self.history[0] if self.history and self.history[0]["epoch"] == 0 else None
+
     def on_train_begin(self, logs=None):
         if self.metrics is not None and self.metrics.initial is not None:
-            self._record(0, self.metrics.initial)
+            self.history.append({"epoch": 0, **self.metrics.initial})
+            self.best, self.best_epoch = self.metrics.initial.get(self.monitor), 0
+            self._save()
 
     def on_epoch_end(self, epoch, logs=None):
-        self._record(epoch + 1, logs or {})
-
-    def _record(self, epoch: int, logs: dict) -> None:
-        logs = {k: float(v) for k, v in logs.items()}
-        self.history.append({"epoch": epoch, **logs})
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        self.history.append({"epoch": epoch + 1, **logs})
         value = logs.get(self.monitor)
-        if value is not None and math.isfinite(value) and (
+        start = self.start or {}
+        no_worse = all(logs.get(k, -math.inf) >= start[k] for k in self.RETRIEVAL if k in start)
+        if value is not None and math.isfinite(value) and no_worse and (
             self.best is None or self.mode == "last" or (value > self.best if self.mode == "max" else value < self.best)
         ):
-            self.best, self.best_epoch = value, epoch
-            with atomic.atomic_path(self.path, suffix=self.path.suffix) as tmp:
-                self.embedding.save(tmp)
+            self.best, self.best_epoch = value, epoch + 1
+            self._save()
         atomic.write_json(self.state, {"best": self.best, "best_epoch": self.best_epoch, "history": self.history})
+
+    def _save(self) -> None:
+        with atomic.atomic_path(self.path, suffix=self.path.suffix) as tmp:
+            self.embedding.save(tmp)
 
     def on_train_end(self, logs=None):
         atomic.write_json(sidecar(self.path, "history"), self.history)
@@ -374,10 +387,14 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
                         "kept_untrained": result.kept_untrained}
     atomic.write_json(sidecar(out, "manifest"), manifest)
     if result.kept_untrained:
-        start = checkpoint.history[0][monitor]
-        trained = [h[monitor] for h in checkpoint.history[1:] if math.isfinite(h.get(monitor, math.nan))]
-        best = f"best epoch {max(trained) if mode == 'max' else min(trained):.4f}" if trained else "no finite epoch"
-        warnings.warn(f"no epoch beat the untrained network on the held-out items ({monitor} {start:.4f} before "
-                      f"training, {best}): {out} keeps the untrained weights", UserWarning, stacklevel=2)
+        start = ", ".join(f"{k} {checkpoint.start[k]:.4f}" for k in BestCheckpoint.RETRIEVAL)
+        trained = [h for h in checkpoint.history[1:] if math.isfinite(h.get(monitor, math.nan))]
+        best = "no epoch with finite figures"
+        if trained:
+            top = (max if mode == "max" else min)(trained, key=lambda h: h[monitor])
+            best = f"the best epoch by {monitor}, {top['epoch']}: " + ", ".join(
+                f"{k} {top[k]:.4f}" for k in BestCheckpoint.RETRIEVAL)
+        warnings.warn(f"no epoch beat the untrained network on the held-out items (before training: {start}; "
+                      f"{best}): {out} keeps the untrained weights", UserWarning, stacklevel=2)
     return result
 

@@ -219,12 +219,13 @@ def test_drawn_pairs_train_too(digits, tmp_path):
 def test_a_run_that_wrecks_training_keeps_the_untrained_weights(digits, tmp_path):
     out = tmp_path / "wrecked.keras"
     config = digits_config(digits, out, epochs=2, learning_rate=50.0, lr_schedule="constant")
-    message = (r"no epoch beat the untrained network on the held-out items \(val_map_at_r 0\.\d{4} before "
-               r"training, .*\): .*wrecked.keras keeps the untrained weights")
+    message = (r"no epoch beat the untrained network on the held-out items \(before training: val_precision_at_1 "
+               r"0\.\d{4}, val_map_at_r 0\.\d{4}; (the best epoch by val_map_at_r, \d: .*|no epoch with finite "
+               r"figures)\): .*wrecked.keras keeps the untrained weights")
     with pytest.warns(UserWarning, match=message):
         result = train(config, verbose=0)
     assert result.kept_untrained and result.best_epoch == 0
-    assert result.best == result.history[0]["val_map_at_r"] > max(h["val_map_at_r"] for h in result.history[1:])
+    assert result.best == result.history[0]["val_map_at_r"]
     keras.utils.set_random_seed(0)
     untrained = build_embedding("small_cnn", 16, embedding_dim=16)
     for kept, start in zip(keras.saving.load_model(out).weights, untrained.weights, strict=True):
@@ -257,3 +258,23 @@ def test_augmented_training_exports_the_pixels_it_validates_on(digits, tmp_path)
     served = tf.saved_model.load(str(export_savedmodel(model, tmp_path / "export")))
     out = served.signatures["serve_pixels"](pixels=tf.constant(pixels[:64]))["embeddings"].numpy()
     np.testing.assert_allclose(out, embeddings[:64], atol=1e-5)
+
+
+def test_an_epoch_must_be_no_worse_on_every_held_out_figure_to_replace_the_start(tmp_path):
+    """Better MAP@R but a worse precision@1 than the untrained network does not replace it; no worse on both does."""
+    from types import SimpleNamespace
+
+    from siamese.train import BestCheckpoint
+
+    metrics = SimpleNamespace(initial={"val_precision_at_1": 0.80, "val_map_at_r": 0.30})
+    embedding = build_embedding("small_cnn", 16, 4)
+    out = tmp_path / "m.keras"
+    checkpoint = BestCheckpoint(embedding, out, "val_map_at_r", "max", tmp_path / "best.json", 0, metrics)
+    checkpoint.on_train_begin()
+    assert (checkpoint.best_epoch, checkpoint.best) == (0, 0.30) and out.exists()
+    checkpoint.on_epoch_end(0, {"loss": 1.0, "val_precision_at_1": 0.70, "val_map_at_r": 0.35})
+    assert checkpoint.best_epoch == 0
+    checkpoint.on_epoch_end(1, {"loss": 0.9, "val_precision_at_1": 0.80, "val_map_at_r": 0.31})
+    assert (checkpoint.best_epoch, checkpoint.best) == (2, 0.31)
+    checkpoint.on_epoch_end(2, {"loss": 0.8, "val_precision_at_1": 0.85, "val_map_at_r": 0.305})
+    assert checkpoint.best_epoch == 2 and [h["epoch"] for h in checkpoint.history] == [0, 1, 2, 3]
