@@ -160,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainable-layers", type=int, default=None, metavar="N",
                    help="0 freezes the backbone, N fine-tunes its top N layers (default: train all)")
     p.add_argument("--loss", default=d.loss, choices=LOSSES,
-                   help=f"contrastive on pairs (the seed's), triplet on (anchor, positive, negative) triplets, or "
-                   f"supcon, supervised contrastive with a --temperature (batch-all only) (default {d.loss})")
+                   help="supcon, the supervised contrastive loss with a --temperature (batch-all only); contrastive "
+                   "(the seed's), with a --margin; or triplet on (anchor, positive, negative) triplets (default: "
+                   "supcon with --mining batch-all, contrastive with --mining pairs)")
     p.add_argument("--margin", type=float, default=d.margin,
                    help=f"contrastive and triplet margin (default {d.margin})")
     p.add_argument("--temperature", type=float, default=d.temperature,

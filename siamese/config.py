@@ -79,7 +79,7 @@ class TrainConfig:
     image_size: int | None = None  # the backbone's default
     embedding_dim: int = 128
     trainable_layers: int | None = None  # None: train all; 0: freeze the backbone; N: its top N layers
-    loss: str = "contrastive"
+    loss: str | None = None  # supcon with mining="batch-all", contrastive (the seed's) with mining="pairs"
     mining: str = "batch-all"  # see MININGS
     images_per_item: int = 4  # K of a P x K batch with mining="batch-all"
     margin: float = 1.0  # contrastive and triplet
@@ -104,11 +104,12 @@ class TrainConfig:
             raise SiameseError(
                 f"Expected --out to end in {', '.join(CHECKPOINT_SUFFIXES)}. Received: {self.out}"
             )
-        if self.loss not in LOSSES:
-            raise SiameseError(f"Expected --loss to be one of {', '.join(LOSSES)}. Received: {self.loss!r}")
         if self.mining not in self.MININGS:
             raise SiameseError(f"Expected --mining to be one of {', '.join(self.MININGS)}. Received: {self.mining!r}")
-        if self.loss == "supcon" and self.mining != "batch-all":
+        loss = self.loss or ("supcon" if self.mining == "batch-all" else "contrastive")
+        if loss not in LOSSES:
+            raise SiameseError(f"Expected --loss to be one of {', '.join(LOSSES)}. Received: {self.loss!r}")
+        if loss == "supcon" and self.mining != "batch-all":
             raise SiameseError(f"Expected --mining batch-all with --loss supcon. Received: {self.mining!r}")
         if self.monitor not in self.MONITORS:
             raise SiameseError(f"Expected --monitor to be one of {', '.join(self.MONITORS)}. "
@@ -142,7 +143,7 @@ class TrainConfig:
         if weights == "auto":
             weights = "none" if spec.application is None else "imagenet"
         return dataclasses.replace(self, weights=weights, image_size=self.image_size or spec.image_size,
-                                   learning_rate=learning_rate, views=views)
+                                   learning_rate=learning_rate, views=views, loss=loss)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
