@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a siamese embedding network on a labeled catalog",
         description="Train an embedding network with a contrastive loss over every pair of images in batches of a "
         "few images of each of several items, drawn fresh every epoch (--mining pairs: over pairs drawn one by "
-        "one), each image augmented in training only. Runs the checks of validate first, scores the held-out "
+        "one), with --augment each image augmented in training only. Runs the checks of validate first, scores the "
+        "held-out "
         "items before training and after every epoch, keeps the best model by --monitor at --out (the untrained "
         "network when no epoch beats it, with a warning; .config.json, .manifest.json and .history.json beside "
         "it), and resumes from the last finished epoch when the same command is run again after a crash.",
@@ -173,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip", action="store_true", help="random horizontal flips too, with --augment (default off)")
     p.add_argument("--views", type=int, default=d.views,
                    help=f"augmented views of each image in a batch-all batch, positives of each other (instance "
-                   f"positives); 1 with --no-augment (default {d.views})")
+                   f"positives), with --augment (default {d.views})")
     p.add_argument("--monitor", default=d.monitor, choices=TrainConfig.MONITORS,
                    help=f"what picks the best epoch: MAP@R or precision@1 of the held-out items, or the validation "
                    f"loss (default {d.monitor})")

@@ -84,7 +84,7 @@ class TrainConfig:
     images_per_item: int = 4  # K of a P x K batch with mining="batch-all"
     margin: float = 1.0  # contrastive and triplet
     temperature: float = 0.1  # supcon
-    augment: bool = True  # random rotation, shift, zoom and contrast of training images (siamese.augment)
+    augment: bool = False  # random rotation, shift, zoom and contrast of training images (siamese.augment)
     flip: bool = False  # random horizontal flips too, with augment
     views: int = 2  # augmented views of each training image, positives of each other (needs augment)
     monitor: str = "val_map_at_r"  # see MONITORS

@@ -64,9 +64,9 @@ def test_two_workers_agree_and_train_like_one_worker_with_the_same_global_batch(
 
     # One step per epoch: each epoch's loss is one global batch's, the same as on one worker: to float32
     # precision for the first two steps, then float sums in another order drift apart (Adam amplifies them)
-    histories = [json.loads(sidecar(p, "history").read_text()) for p in (multi, single)]
+    histories = [json.loads(sidecar(p, "history").read_text())[1:] for p in (multi, single)]  # [0]: untrained
     assert len(histories[0]) == 3
-    np.testing.assert_allclose([h["loss"] for h in histories[0][:2]], [h["loss"] for h in histories[1][:2]], rtol=1e-6)
+    np.testing.assert_allclose([h["loss"] for h in histories[0][:2]], [h["loss"] for h in histories[1][:2]], rtol=3e-6)
     for key in ("loss", "val_loss", "val_precision_at_1"):
         np.testing.assert_allclose([h[key] for h in histories[0]], [h[key] for h in histories[1]], rtol=1e-3)
     chief, worker, one = (keras.saving.load_model(p) for p in (multi, tmp_path / ".worker-1" / "multi.keras", single))

@@ -86,7 +86,7 @@ def cli_train(digits, out, epochs) -> list[str]:
     return [sys.executable, "utilities.py", "train", "--labeled-data", str(digits / "train.json"),
             "--image-dir", str(digits), "--out", str(out), "--epochs", str(epochs), "--image-size", "16",
             "--batch-size", "32", "--pairs-per-epoch", "512", "--val-pairs", "128", "--embedding-dim", "16",
-            "--no-progress"]
+            "--augment", "--no-progress"]  # augmented: a resumed run restores the augmentation's random state too
 
 
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(digits, tmp_path, cache_dir):
@@ -245,9 +245,10 @@ def test_augmented_training_exports_the_pixels_it_validates_on(digits, tmp_path)
     from siamese.export import export_savedmodel
 
     config = digits_config(digits, tmp_path / "augmented.keras", epochs=2, pairs_per_epoch=4096, val_images=10_000,
-                           val_labeled_data=str(digits / "test.json"))
+                           val_labeled_data=str(digits / "test.json"), augment=True)
     result = train(config, verbose=0)
-    assert json.loads(sidecar(result.checkpoint, "config").read_text())["augment"] is True
+    settings = json.loads(sidecar(result.checkpoint, "config").read_text())
+    assert settings["augment"] is True and settings["views"] == 2
     assert result.best_epoch > 0  # a trained model, not the kept start
     model = keras.saving.load_model(result.checkpoint)
     assert not [layer.name for layer in model.layers if "augment" in layer.name or "random" in layer.name]
