@@ -19,7 +19,9 @@ dataset and a JSON summary.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's start-up chatter, here and in the CLI runs
 
 UNSEEN_FASHION = ("sneaker", "bag", "ankle_boot")
 SIZES = {"fashion-mnist": 28, "glyphs": 32}
@@ -76,9 +79,10 @@ def run(dataset: str, work: Path, extra: list[str]) -> dict:
     seconds = time.perf_counter() - start
 
     catalog = load_catalog(test, folder)
-    results = evaluate_models(catalog, out, progress=False)
+    results = [(dataclasses.replace(info, source=info.source.replace(str(work), "WORK")), e)
+               for info, e in evaluate_models(catalog, out, progress=False)]
     print(f"{dataset}: items training never saw ({test.name})")
-    print(format_evaluations(results, catalog).replace(str(work), "WORK"))
+    print(format_evaluations(results, catalog))
     history = json.loads(out.with_name(f"{out.stem}.history.json").read_text())
     manifest = json.loads(out.with_name(f"{out.stem}.manifest.json").read_text())
     names = ("trained", "untrained", "raw pixels")

@@ -3,9 +3,9 @@
     python benchmarks/train_fashion_mnist.py [--epochs 4] [--pairs-per-epoch 131072] [--image-size 28]
 
 1. make-dataset writes the 60,000 training and 10,000 test images as PNG files (once, under --work).
-2. `utilities.py train` trains small_cnn with the default settings (batch-all contrastive loss, cosine
-   learning rate) on the training catalog (no validation split: every class is an item, so the run keeps
-   its last epoch), timed.
+2. `utilities.py train` trains small_cnn with the default settings (batch-all supcon loss, cosine learning
+   rate) on the training catalog (no validation split: every class is an item, so the run keeps its last
+   epoch), timed. Arguments after `--` go to train as well, to measure a variant.
 3. precision@1 of the 10,000 test images against the 60,000 training embeddings (nearest neighbour's
    class), beside the same figure on raw pixels.
 4. Training images per second with batches decoded from the PNG files versus gathered from cached tensors,
@@ -28,11 +28,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def images_per_second(train_catalog, image_size: int, batch_size: int, cache: str, steps: int) -> float:
-    """Images per second of `fit` on small_cnn with the default batch-all contrastive loss, second epoch of
-    `steps` steps."""
+    """Images per second of `fit` on small_cnn with the default batch-all supcon loss, second epoch of `steps`
+    steps."""
     import keras
 
-    from siamese.losses import BatchContrastiveLoss
+    from siamese.losses import BatchSupConLoss
     from siamese.models import build_embedding
     from siamese.pairs import PairSampler
     from siamese.pipeline import batch_dataset
@@ -48,7 +48,7 @@ def images_per_second(train_catalog, image_size: int, batch_size: int, cache: st
     embedding = build_embedding("small_cnn", image_size)
     images = keras.Input(embedding.input_shape[1:], dtype="uint8")
     model = keras.Model(images, embedding(images))
-    model.compile(optimizer="adam", loss=BatchContrastiveLoss(), jit_compile=False)
+    model.compile(optimizer="adam", loss=BatchSupConLoss(), jit_compile=False)
     stream = batch_dataset(PairSampler(train_catalog), image_size, batch_size=batch_size,
                            images_per_epoch=steps * batch_size, cache=cache)
     timer = Timer()
@@ -64,7 +64,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=28, help="Fashion-MNIST's own size (default 28)")
     parser.add_argument("--speed-steps", type=int, default=100, help="steps timed for files vs cached tensors")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
 
     import numpy as np
 
@@ -83,7 +85,7 @@ def main() -> None:
     command = [sys.executable, "utilities.py", "train", "--labeled-data", str(args.work / "train.json"),
                "--image-dir", str(args.work), "--out", str(out), "--val-fraction", "0", "--epochs", str(args.epochs),
                "--pairs-per-epoch", str(args.pairs_per_epoch), "--batch-size", str(args.batch_size),
-               "--image-size", str(args.image_size), "--no-progress"]
+               "--image-size", str(args.image_size), "--no-progress", *extra]
     print("$", " ".join(command[1:]), flush=True)
     start = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True)
@@ -113,7 +115,8 @@ def main() -> None:
     history = json.loads(out.with_name(out.stem + ".history.json").read_text())
     results = {
         "precision_at_1": p1, "raw_pixel_precision_at_1": raw_p1, "train_seconds": train_seconds,
-        "epochs": args.epochs, "pairs_per_epoch": args.pairs_per_epoch, "final_loss": history[-1]["loss"],
+        "epochs": args.epochs, "pairs_per_epoch": args.pairs_per_epoch, "train_args": extra,
+        "final_loss": history[-1]["loss"],
         "images_per_second_files": from_files, "images_per_second_cached": cached,
         "cores": len(os.sched_getaffinity(0)),
     }

@@ -6,6 +6,7 @@ Nothing here imports TensorFlow, so the command line can show its defaults insta
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -128,6 +129,11 @@ class TrainConfig:
         learning_rate = self.learning_rate
         if learning_rate is None:
             learning_rate = 3e-3 if spec.application is None else 1e-3
+        numbers = (("margin", self.margin), ("learning-rate", learning_rate), ("temperature", self.temperature),
+                   ("weight-decay", self.weight_decay), ("val-fraction", self.val_fraction))
+        for flag, value in numbers:
+            if not math.isfinite(value):
+                raise SiameseError(f"Expected a finite --{flag}. Received: {value}")
         if self.margin <= 0 or learning_rate <= 0:
             raise SiameseError(
                 f"Expected --margin and --learning-rate > 0. Received: {self.margin} and {learning_rate}"

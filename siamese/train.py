@@ -357,7 +357,8 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
             monitor, mode = ("val_loss", "min") if validation is not None else ("val_map_at_r", "max")
         checkpoint = BestCheckpoint(embedding, out, monitor, mode, backup_dir / "best.json", start_epoch,
                                     metrics[0] if metrics else None)
-        callbacks = [*metrics, checkpoint, backup]  # epoch ends run in this order: measure, keep the best, back up
+        # epoch ends run in this order: measure, keep the best, back up; a non-finite loss ends the run
+        callbacks = [keras.callbacks.TerminateOnNaN(), *metrics, checkpoint, backup]
 
         atomic.write_json(backup_config, config.to_dict())
         atomic.write_json(sidecar(out, "config"), config.to_dict())
@@ -382,6 +383,9 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
         keras.mixed_precision.set_global_policy(policy)
 
     manifest["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    if checkpoint.best_epoch is None:
+        raise SiameseError(f"Training diverged: the loss was not finite by the end of epoch {len(checkpoint.history)}, "
+                           f"so no model was saved at {out}. Fix: lower --learning-rate.")
     result = TrainResult(out, monitor, checkpoint.best, checkpoint.best_epoch, checkpoint.history, start_epoch)
     manifest["best"] = {"monitor": monitor, "value": checkpoint.best, "epoch": checkpoint.best_epoch,
                         "kept_untrained": result.kept_untrained}

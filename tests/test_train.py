@@ -161,6 +161,8 @@ def test_training_runs_the_image_check_first(tmp_path):
                            r"Received: 'loss'"),
      ({"temperature": 0.0}, r"Expected --temperature > 0. Received: 0.0"),
      ({"views": 0}, r"Expected --views >= 1. Received: 0"),
+     ({"learning_rate": float("nan")}, r"Expected a finite --learning-rate. Received: nan"),
+     ({"margin": float("inf")}, r"Expected a finite --margin. Received: inf"),
      ({"epochs": 0}, r"Expected --epochs >= 1. Received: 0"),
      ({"margin": -1.0}, r"Expected --margin and --learning-rate > 0"),
      ({"cache": "gpu"}, r"Expected --cache to be auto, none, memory, disk. Received: 'gpu'"),
