@@ -283,3 +283,12 @@ def test_an_epoch_must_be_no_worse_on_every_held_out_figure_to_replace_the_start
     assert (checkpoint.best_epoch, checkpoint.best) == (2, 0.31)
     checkpoint.on_epoch_end(2, {"loss": 0.8, "val_precision_at_1": 0.85, "val_map_at_r": 0.305})
     assert checkpoint.best_epoch == 2 and [h["epoch"] for h in checkpoint.history] == [0, 1, 2, 3]
+
+
+def test_a_diverged_run_with_nothing_held_out_saves_nothing_and_says_so(digits, tmp_path):
+    out = tmp_path / "diverged.keras"
+    config = digits_config(digits, out, epochs=2, val_fraction=0, learning_rate=1e38, lr_schedule="constant")
+    with pytest.raises(SiameseError, match=r"Training diverged: the loss was not finite by the end of epoch 1, so no "
+                                           r"model was saved at .*diverged.keras. Fix: lower --learning-rate."):
+        train(config, verbose=0)
+    assert not out.exists()
