@@ -139,6 +139,12 @@ def evaluate_models(
     return results
 
 
+def _shown(source: str) -> str:
+    """A model's source for people: a path under the working folder relative to it, anything else as it is."""
+    path = Path(source)
+    return str(path.relative_to(Path.cwd())) if path.is_absolute() and path.is_relative_to(Path.cwd()) else source
+
+
 def format_evaluations(results: list[tuple[ModelInfo, Evaluation]], catalog: Catalog) -> str:
     """`evaluate_models`' results as the table `evaluate` prints, with the first model's threshold."""
     first = results[0][1]
@@ -146,10 +152,11 @@ def format_evaluations(results: list[tuple[ModelInfo, Evaluation]], catalog: Cat
              "leave-one-out):"]
     names = [k for k in first.metrics if k != "queries"]
     titles = {"precision_at_1": "precision@1", "r_precision": "R-precision", "map_at_r": "MAP@R"}
-    width = min(60, max(len(info.source) for info, _ in results))
+    sources = [_shown(info.source) for info, _ in results]
+    width = min(60, max(len(source) for source in sources))
     lines.append(f"  {'model':<{width}}" + "".join(f"{titles.get(n, n.replace('_at_', '@')):>13}" for n in names))
-    for info, e in results:
-        lines.append(f"  {info.source[-width:]:<{width}}" + "".join(f"{e.metrics[n]:>13.4f}" for n in names))
+    for source, (_, e) in zip(sources, results, strict=True):
+        lines.append(f"  {source[-width:]:<{width}}" + "".join(f"{e.metrics[n]:>13.4f}" for n in names))
     t = first.threshold
     lines.append(f"Same item when distance <= {t.distance:.4f} (cosine >= {1 - t.distance**2 / 2:.4f}): precision "
                  f"{t.precision:.4f}, recall {t.recall:.4f}, F1 {t.f1:.4f} on {t.positives + t.negatives:,} pairs "
