@@ -340,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _validate(args: argparse.Namespace) -> int:
     from siamese.catalog import split_by_item, validate_catalog
     from siamese.images import find_bad_images
+    from siamese.pairs import PairSampler
 
     report = validate_catalog(args.labeled_data, args.image_dir)
     bad = find_bad_images(report.catalog, progress=not args.no_progress)
@@ -364,6 +365,13 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"Split (--val-fraction {args.val_fraction}, --seed {args.seed}): "
           f"{len(train)} training items ({len(train.filenames)} images), "
           f"{len(val)} validation items ({len(val.filenames)} images)")
+    try:  # what train needs of its items before it starts: both kinds of pair
+        PairSampler(train, seed=args.seed)
+    except SiameseError as e:
+        print(f"error: the training items: {e}")
+        print(f"{args.labeled_data}: the training items give no pairs to learn from; fix them and run validate "
+              "again.", file=sys.stderr)
+        return 1
     print("OK: the catalog is ready for training.")
     return 0
 

@@ -89,8 +89,19 @@ def test_validate_ok_with_skipped_bad_image(tmp_path, run_cli):
         "b": {"images": [{"filename": "b0.png"}, {"filename": "b1.png"}, {"filename": "b2.png"}]},
     })
     code, out, _ = run_cli("validate", "--labeled-data", path, "--image-dir", tmp_path, "--on-bad-image", "skip",
-                           "--no-progress")
+                           "--val-fraction", "0", "--no-progress")  # 2 items: holding one out leaves no negatives
     assert code == 0
     assert "Summary: 2 items, 4 images, 0 labels, 0 items with one image" in out
     assert "Skipping 1 image that cannot be decoded (--on-bad-image skip)." in out
     assert out.rstrip().endswith("OK: the catalog is ready for training.")
+
+
+def test_validate_does_not_promise_what_train_refuses(tmp_path, run_cli):
+    for name in ("a0.png", "b0.png", "c0.png"):
+        write_image(tmp_path / name)
+    path = write_catalog(tmp_path, {i: {"images": [{"filename": f"{i}0.png"}]} for i in "abc"})
+    code, out, err = run_cli("validate", "--labeled-data", path, "--image-dir", tmp_path, "--val-fraction", "0",
+                             "--no-progress")
+    assert code == 1 and "OK" not in out
+    assert "error: the training items: No positive pairs: none of the 3 items has two or more images. Fix:" in out
+    assert err == f"{path}: the training items give no pairs to learn from; fix them and run validate again.\n"
