@@ -158,12 +158,13 @@ class BestCheckpoint(keras.callbacks.Callback):
             self._save()
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = {k: float(v) for k, v in (logs or {}).items()}
+        # a diverged epoch's figures are null in the history: JSON has no NaN
+        logs = {k: float(v) if math.isfinite(v) else None for k, v in (logs or {}).items()}
         self.history.append({"epoch": epoch + 1, **logs})
         value = logs.get(self.monitor)
         start = self.start or {}
-        no_worse = all(logs.get(k, -math.inf) >= start[k] for k in self.RETRIEVAL if k in start)
-        if value is not None and math.isfinite(value) and no_worse and (
+        no_worse = all(logs.get(k) is not None and logs[k] >= start[k] for k in self.RETRIEVAL if k in start)
+        if value is not None and no_worse and (
             self.best is None or self.mode == "last" or (value > self.best if self.mode == "max" else value < self.best)
         ):
             self.best, self.best_epoch = value, epoch + 1
@@ -392,12 +393,12 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
     atomic.write_json(sidecar(out, "manifest"), manifest)
     if result.kept_untrained:
         start = ", ".join(f"{k} {checkpoint.start[k]:.4f}" for k in BestCheckpoint.RETRIEVAL)
-        trained = [h for h in checkpoint.history[1:] if math.isfinite(h.get(monitor, math.nan))]
+        trained = [h for h in checkpoint.history[1:] if h.get(monitor) is not None]
         best = "no epoch with finite figures"
         if trained:
             top = (max if mode == "max" else min)(trained, key=lambda h: h[monitor])
             best = f"the best epoch by {monitor}, {top['epoch']}: " + ", ".join(
-                f"{k} {top[k]:.4f}" for k in BestCheckpoint.RETRIEVAL)
+                f"{k} {top[k]:.4f}" if top.get(k) is not None else f"{k} n/a" for k in BestCheckpoint.RETRIEVAL)
         warnings.warn(f"no epoch beat the untrained network on the held-out items (before training: {start}; "
                       f"{best}): {out} keeps the untrained weights", UserWarning, stacklevel=2)
     return result

@@ -292,3 +292,6 @@ def test_a_diverged_run_with_nothing_held_out_saves_nothing_and_says_so(digits, 
                                            r"model was saved at .*diverged.keras. Fix: lower --learning-rate."):
         train(config, verbose=0)
     assert not out.exists()
+    # the diverged epoch is in the history as nulls: strict JSON, no NaN
+    history = json.loads(sidecar(out, "history").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert history == [{"epoch": 1, "loss": None}]
