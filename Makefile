@@ -11,10 +11,12 @@ DATA ?= $(HOME)
 DOCKER ?= docker
 IMAGE ?= siamese
 PORT ?= 8888
-# Jupyter always asks for a token: yours, or a fresh random one printed with the address.
+# Jupyter always asks for a token: yours, or a fresh random one printed with the address. It reaches docker
+# and Jupyter through the environment, never a command line (where `ps` would show it and a space would split it).
 ifeq ($(strip $(JUPYTER_TOKEN)),)
 JUPYTER_TOKEN := $(shell $(PYTHON) -c 'import secrets; print(secrets.token_hex(24))')
 endif
+export JUPYTER_TOKEN
 # Run as you, so files written under /app and /data are yours; Keras's weights cache and siamese's cache
 # are your own, mounted.
 DOCKER_RUN = $(DOCKER) run --rm -it --user $$(id -u):$$(id -g) -e HOME=/tmp \
@@ -67,8 +69,8 @@ bench-open-set: $(STAMP)
 	$(BIN)/python benchmarks/open_set.py
 
 notebook-local: $(STAMP)
-	$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(PORT) --no-browser --notebook-dir=notebooks \
-		--IdentityProvider.token=$(JUPYTER_TOKEN)
+	@printf 'Jupyter: http://127.0.0.1:%s/lab?token=%s\n' "$(PORT)" "$$JUPYTER_TOKEN"
+	$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(PORT) --no-browser --notebook-dir=notebooks
 
 docker-build: docker-build-gpu docker-build-cpu
 
@@ -80,8 +82,8 @@ docker-build-cpu:
 
 notebook: docker-build-gpu
 	@mkdir -p "$(HOME)/.keras" "$(HOME)/.cache/siamese"
-	@echo "Jupyter: http://127.0.0.1:$(PORT)/lab?token=$(JUPYTER_TOKEN)"
-	$(DOCKER_RUN) --gpus all -p 127.0.0.1:$(PORT):8888 -e JUPYTER_TOKEN=$(JUPYTER_TOKEN) $(IMAGE):gpu \
+	@printf 'Jupyter: http://127.0.0.1:%s/lab?token=%s\n' "$(PORT)" "$$JUPYTER_TOKEN"
+	$(DOCKER_RUN) --gpus all -p 127.0.0.1:$(PORT):8888 -e JUPYTER_TOKEN $(IMAGE):gpu \
 		jupyter lab --ip=0.0.0.0 --port=8888 --no-browser --notebook-dir=/app
 
 bash-gpu: docker-build-gpu
