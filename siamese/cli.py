@@ -17,6 +17,8 @@ from siamese import __version__
 from siamese.config import BACKBONES, CACHES, INDEX_BACKENDS, LOSSES, PRETRAINED_BACKBONE, TrainConfig
 from siamese.errors import SiameseError, plural
 
+NO_PROGRESS = "hide progress bars (hidden anyway when the output is not a terminal)"
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors; `commands` holds the names of its sub-commands."""
@@ -33,7 +35,7 @@ def _add_catalog_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-dir", required=True, metavar="D", help="folder the catalog's filenames are relative to")
     p.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
                    help="images that cannot be decoded: fail listing them all (default), or skip them")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -270,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--top-k", type=int, default=None, metavar="N", help="keep the N most similar (default: all)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     _add_model_args(p)
     p.set_defaults(run=_similarity)
 
@@ -309,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the first N images of each split (glyphs: the first N letters of each script)")
     p.add_argument("--seed", type=int, default=0, help="glyphs: the random scale, rotation and shift (default 0)")
     p.add_argument("--image-size", type=int, default=None, metavar="N", help="glyphs: pixels (default 32)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     p.set_defaults(run=_make_dataset)
 
     from siamese.demo import DemoConfig
@@ -331,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs-per-epoch", type=int, default=d.pairs_per_epoch,
                    help=f"images drawn each epoch (default {d.pairs_per_epoch})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     p.set_defaults(run=_demo)
     parser.commands = frozenset(commands.choices)
     return parser
@@ -568,6 +570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    if hasattr(args, "no_progress") and not (sys.stdout.isatty() and sys.stderr.isatty()):
+        args.no_progress = True  # a log file, not a terminal: no redrawn bars (train prints one line an epoch)
     if args.command in ("train", "export", "index", "query", "similarity", "evaluate", "demo"):
         _import_tensorflow_quietly()
     with warnings.catch_warnings():

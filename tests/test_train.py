@@ -295,3 +295,14 @@ def test_a_diverged_run_with_nothing_held_out_saves_nothing_and_says_so(digits, 
     # the diverged epoch is in the history as nulls: strict JSON, no NaN
     history = json.loads(sidecar(out, "history").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert history == [{"epoch": 1, "loss": None}]
+
+
+def test_cli_training_into_a_log_prints_one_line_an_epoch(digits, tmp_path):
+    """Output that is not a terminal (CI, `> file`) gets no redrawn progress bars, without --no-progress."""
+    command = [a for a in cli_train(digits, tmp_path / "log.keras", 2) if a != "--no-progress"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "━" not in result.stdout and "\r" not in result.stdout + result.stderr
+    epochs = [line for line in result.stdout.splitlines() if " - loss: " in line]
+    assert len(epochs) == 2 and all("val_map_at_r" in line for line in epochs), result.stdout
