@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,7 +69,7 @@ def run(dataset: str, work: Path, extra: list[str]) -> dict:
     out = work / f"{dataset}.keras"
     for stale in work.glob(f"{dataset}.*"):  # a fresh run, not a resumed one
         if stale.is_dir():
-            subprocess.run(["rm", "-r", str(stale)], check=True)
+            shutil.rmtree(stale)
         else:
             stale.unlink()
     command = [sys.executable, "utilities.py", "train", "--labeled-data", str(train), "--image-dir", str(folder),

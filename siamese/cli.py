@@ -132,10 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train an embedding network with a contrastive loss over every pair of images in batches of a "
         "few images of each of several items, drawn fresh every epoch (--mining pairs: over pairs drawn one by "
         "one), with --augment each image augmented in training only. Runs the checks of validate first, scores the "
-        "held-out "
-        "items before training and after every epoch, keeps the best model by --monitor at --out (the untrained "
-        "network when no epoch beats it, with a warning; .config.json, .manifest.json and .history.json beside "
-        "it), and resumes from the last finished epoch when the same command is run again after a crash.",
+        "held-out items before training and after every epoch, keeps the best model by --monitor at --out (the "
+        "untrained network when no epoch beats it, with a warning; .config.json, .manifest.json and .history.json "
+        "beside it), and resumes from the last finished epoch when the same command is run again after a crash.",
     )
     _add_catalog_args(p)
     d = TrainConfig
