@@ -77,8 +77,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
 
     from siamese.catalog import load_catalog
     from siamese.config import TrainConfig
-    from siamese.embed import describe, embed_catalog, index_catalog, untrained_like
-    from siamese.evaluate import evaluate_embeddings
+    from siamese.embed import describe, evaluate_models, index_catalog
     from siamese.export import export_savedmodel
     from siamese.images import check_images
     from siamese.index import Index
@@ -118,12 +117,11 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
 
     model = load_embedding(checkpoint)
     info = describe(model, str(checkpoint.resolve()))
-    evaluations = {}
     with _step(seconds, "4. Evaluate on the test images: the trained model against the network it started from"):
-        for name, net in (("trained", model), ("untrained", untrained_like(checkpoint)[0])):
-            embeddings = embed_catalog(net, test_catalog, progress=False)
-            evaluations[name] = evaluate_embeddings(embeddings, test_catalog, seed=config.seed)
-            m = evaluations[name].metrics
+        results = evaluate_models(test_catalog, checkpoint, pixels=False, seed=config.seed, progress=False)
+        evaluations = dict(zip(("trained", "untrained"), (e for _, e in results), strict=True))
+        for name, e in evaluations.items():
+            m = e.metrics
             print(f"  {name:<10} precision@1 {m['precision_at_1']:.4f}  R-precision {m['r_precision']:.4f}  "
                   f"MAP@R {m['map_at_r']:.4f}  recall@5 {m['recall_at_5']:.4f}")
         threshold = evaluations["trained"].threshold
