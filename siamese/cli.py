@@ -15,7 +15,7 @@ from pathlib import Path
 
 from siamese import __version__
 from siamese.config import BACKBONES, CACHES, INDEX_BACKENDS, LOSSES, PRETRAINED_BACKBONE, TrainConfig
-from siamese.errors import SiameseError, plural
+from siamese.errors import SiameseError, os_error_message, plural
 
 NO_PROGRESS = "hide progress bars (hidden anyway when the output is not a terminal)"
 
@@ -412,12 +412,19 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _index(args: argparse.Namespace) -> int:
+    from siamese.index import claim_output
+
+    if args.batch_size < 1:
+        raise SiameseError(f"Expected --batch-size >= 1. Received: {args.batch_size}")
+    with claim_output(args.output):
+        return _index_claimed(args)
+
+
+def _index_claimed(args: argparse.Namespace) -> int:
     from siamese.catalog import load_catalog
     from siamese.embed import finished_part, index_catalog, shard_catalog
     from siamese.images import check_images
 
-    if args.batch_size < 1:
-        raise SiameseError(f"Expected --batch-size >= 1. Received: {args.batch_size}")
     progress = not args.no_progress
     catalog, part = load_catalog(args.labeled_data, args.image_dir), None
     if args.shard:
@@ -456,10 +463,12 @@ def _print_index(index, done: str, out: Path) -> None:
 
 
 def _merge_index(args: argparse.Namespace) -> int:
-    from siamese.index import merge_parts
+    from siamese.index import claim_output, merge_parts, refuse_part_output
 
-    index = merge_parts(args.parts, args.index, **_engine_settings(args))
-    out = index.save(args.output)
+    refuse_part_output(args.output, args.parts)
+    with claim_output(args.output):
+        index = merge_parts(args.parts, args.index, **_engine_settings(args))
+        out = index.save(args.output)
     _print_index(index, f"Merged {plural(len(args.parts), 'part')}: {plural(len(index), 'image')} of "
                  f"{plural(len(set(index.items)), 'item')}", out)
     print(f"Next: python utilities.py query --index {out} IMAGE...")
@@ -492,7 +501,8 @@ def _similarity(args: argparse.Namespace) -> int:
 
     model, info = _embedder(args)
     result = folder_similarity(model, args.image_dir, args.out, args.top_k, args.batch_size,
-                               settings={"model": info.to_dict()}, progress=not args.no_progress)
+                               settings={"model": info.to_dict()}, progress=not args.no_progress,
+                               source=info.source)
     skipped = f" (skipped {plural(len(result.skipped), 'unreadable image')})" if result.skipped else ""
     print(f"Wrote {plural(len(result.written), 'similarity file')} to {result.out}{skipped}")
     return 0
@@ -580,9 +590,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SiameseError as e:
             print(f"{parser.prog}: error: {e}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print(f"{parser.prog}: interrupted", file=sys.stderr)
-            return 130
         except BrokenPipeError:  # e.g. `... | head`: the reader has all it wanted
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 141
+        except OSError as e:  # a full disk, a read-only folder, a name too long: one line, not a traceback
+            print(f"{parser.prog}: error: {os_error_message(e)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"{parser.prog}: interrupted", file=sys.stderr)
+            return 130

@@ -120,6 +120,8 @@ class TrainConfig:
         views = self.views if self.augment and self.mining == "batch-all" else 1
         if self.views < 1:
             raise SiameseError(f"Expected --views >= 1. Received: {self.views}")
+        if self.image_size is not None and self.image_size < 8:
+            raise SiameseError(f"Expected --image-size >= 8 (or none: the backbone's own). Received: {self.image_size}")
         for name in ("epochs", "batch_size", "val_images"):
             if getattr(self, name) < 1:
                 raise SiameseError(f"Expected --{name.replace('_', '-')} >= 1. Received: {getattr(self, name)}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +26,8 @@ from siamese.images import parallel_map
 
 Source = Literal["fashion-mnist", "digits", "glyphs"]
 SOURCES = ("fashion-mnist", "digits", "glyphs")
+DATASET_FILES = frozenset({"images", "train.json", "test.json", "source.json"})
+"""What a folder written by `make_dataset` holds."""
 FASHION_MNIST_CLASSES = (
     "tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot",
 )
@@ -75,7 +78,7 @@ def load_fashion_mnist() -> tuple[dict[str, Split], str]:
         (x_train, y_train), (x_test, y_test) = keras.datasets.fashion_mnist.load_data()
     except Exception as e:
         raise SiameseError(
-            f"Fashion-MNIST is not on this machine and could not be downloaded ({type(e).__name__}). "
+            f"Fashion-MNIST is not on this machine and could not be downloaded ({type(e).__name__}: {e}). "
             "Fix: `apt-get install dataset-fashion-mnist`, or use --source digits."
         ) from None
     return {"train": (x_train, y_train), "test": (x_test, y_test)}, "keras.datasets.fashion_mnist (downloaded)"
@@ -97,6 +100,9 @@ def make_dataset(source: Source, out: str | os.PathLike, limit: int | None = Non
                  seed: int = 0, image_size: int | None = None) -> dict[str, Path]:
     """Write `source` as PNG files and a labeled JSON per split under `out`; return the JSON paths.
 
+    The folder is written whole beside `out` and swapped in under its lock (see `claim_output`): a crash leaves
+    no half-written dataset, and a folder holding anything but an earlier dataset is refused.
+
     `limit` keeps the first N images of each split (both datasets are stored in shuffled order, so the
     classes stay balanced). Each class is one item, named after the class. For "glyphs", `limit` keeps the
     first N letters of each script, and `seed` (default 0) and `image_size` (default 32) apply to it alone.
@@ -105,18 +111,32 @@ def make_dataset(source: Source, out: str | os.PathLike, limit: int | None = Non
         raise SiameseError(f"Expected --source to be one of {', '.join(SOURCES)}. Received: {source!r}")
     if limit is not None and limit < 2:
         raise SiameseError(f"Expected --limit >= 2. Received: {limit}")
-    if source == "glyphs":
-        return make_glyphs(out, seed=seed, image_size=32 if image_size is None else image_size, progress=progress,
-                           max_items_per_script=limit)
-    if image_size is not None:
+    if source != "glyphs" and image_size is not None:
         raise SiameseError(f"Expected --image-size only with --source glyphs. Received: --source {source}")
+    with claim_output(out), atomic.replace_folder(out) as new:
+        if source == "glyphs":
+            written = make_glyphs(new, seed=seed, image_size=32 if image_size is None else image_size,
+                                  progress=progress, max_items_per_script=limit)
+        else:
+            written = _write_images(source, new, limit, progress)
+    return {split: Path(out) / path.relative_to(new) for split, path in written.items()}
+
+
+def claim_output(out: str | os.PathLike) -> AbstractContextManager[Path]:
+    """Lock the dataset folder `out` and check that it is new, empty, or holds only a dataset an earlier
+    make-dataset wrote (see `atomic.claim_folder`), which the new one replaces whole."""
+    return atomic.claim_folder(out, lambda folder: DATASET_FILES if (folder / "source.json").is_file() else None,
+                               "a dataset")
+
+
+def _write_images(source: Source, out: Path, limit: int | None, progress: bool) -> dict[str, Path]:
+    """Write the images and labeled JSONs of Fashion-MNIST or digits into `out`; return the JSON paths."""
     if source == "fashion-mnist":
         splits, origin = load_fashion_mnist()
         names = FASHION_MNIST_CLASSES
     else:
         splits, origin = load_digits()
         names = tuple(f"digit_{d}" for d in range(10))
-    out = Path(out)
     written = {}
     for split, (images, classes) in splits.items():
         images, classes = images[:limit], classes[:limit]

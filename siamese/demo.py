@@ -67,7 +67,7 @@ def _dataset(config: DemoConfig, out: Path, progress: bool) -> tuple[str, dict[s
         except (SiameseError, OSError, ValueError) as e:
             if config.source != "auto":
                 raise
-            print(f"Fashion-MNIST is not on this machine and could not be downloaded ({e}); using digits.")
+            print(f"Using digits instead of Fashion-MNIST: {e}")
     return "digits", make_dataset("digits", out / "data", progress=progress)
 
 

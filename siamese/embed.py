@@ -100,6 +100,16 @@ def embed_catalog(
     return np.asarray(embeddings, np.float32).reshape(len(catalog.filenames), -1)
 
 
+def check_finite(embeddings: np.ndarray, source: str, filenames: Sequence[str]) -> None:
+    """Refuse embeddings with NaN or infinite values, naming the model `source` as the cause and the first image
+    (`filenames`, one per row)."""
+    bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+    if bad.size:
+        raise SiameseError(f"{source} gave NaN or infinite embeddings for {plural(bad.size, 'image')} of "
+                           f"{len(filenames):,} (first: {filenames[bad[0]]}): the model is the cause, not the "
+                           "images. Fix: use an earlier checkpoint, or train again with a lower learning rate.")
+
+
 def pixel_embeddings(catalog: Catalog, image_size: int, progress: bool = True) -> np.ndarray:
     """The raw-pixel baseline `(images, size * size * 3)` float32 of every image of `catalog`: pixels as the
     network sees them (`decode_image` at `image_size`), flattened and L2-normalised (see `RAW_PIXELS`)."""
@@ -223,6 +233,7 @@ def index_catalog(
     (`labeled_data`, its image folder and hash) and, for a shard of it (see `shard_catalog`), the `part`.
     What `--export balltree` runs; save it with `.save(DIR)`."""
     embeddings = embed_catalog(model, catalog, batch_size, progress=progress)
+    check_finite(embeddings, info.source, catalog.filenames)
     source = {"labeled_data": str(Path(labeled_data).resolve()) if labeled_data else None,
               "image_dir": str(catalog.image_dir.resolve()), "sha256": catalog.digest()}
     return Index.from_catalog(catalog, embeddings, backend=backend, model=info.to_dict(), embedder=embedder,

@@ -34,6 +34,7 @@ import mmap
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from itertools import groupby
@@ -52,6 +53,8 @@ FORMAT = "siamese-index"
 FORMAT_VERSION = 2
 """Version 2 added approximate engines, recall and shard parts; version 1 folders (balltree, brute) still load."""
 NORM_TOLERANCE = 1e-3
+EMBEDDER_KEYS = frozenset({"keras_model", "backbone", "weights", "image_size"})
+"""What index.json's embedder may hold: the keyword arguments of `siamese.embed.load_embedder`."""
 FAISS_IVF_MIN_ROWS = 100_000
 """A faiss index of fewer rows is exact (`IndexFlatIP`); of more, `IndexIVFFlat` with 4 sqrt(rows) lists."""
 RECALL_QUERIES = 1000
@@ -662,44 +665,44 @@ class Index:
         return self.search(embed_images(self.load_model(), images), k, by_item, ef=ef, nprobe=nprobe)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the index to `directory` (created if needed); see the module docstring. Returns the folder."""
+        """Write the index to `directory` (created if needed; see the module docstring) and return the folder.
+
+        The folder is written whole beside `directory` and swapped in (`atomic.replace_folder`) under its lock
+        (`claim_output`), so a crash or a second run leaves the previous index whole. A folder that holds anything
+        but an index of this tool, and a shard part this index was merged from, are refused.
+        """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        refuse_part_output(directory, (self.source or {}).get("parts", []))
         rows = {"items": self.items, "filenames": self.filenames, "labels": self.labels}  # tuples: JSON arrays
 
         def write_rows(path: Path) -> None:  # streamed: a million rows make 50 MiB of JSON text
             with open(path, "w", encoding="utf-8") as f:
                 json.dump(rows, f, ensure_ascii=False)
 
-        files = {
-            **_write_hashed(directory, "rows", ".json", write_rows),
-            **_write_hashed(directory, "embeddings", ".npy",
-                            lambda path: _save_npy(path, self.embeddings)),
-        }
-        if isinstance(self._engine, _Hnsw | _Faiss):
-            files.update(_write_hashed(directory, "engine", self._engine.suffix, self._engine.write))
-        settings = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "backend": self.backend,
-            "engine": self.params,
-            "recall": self.recall,
-            "rows": len(self),
-            "dim": self.dim,
-            "files": files,
-            "model": self.model,
-            "embedder": self.embedder,
-            "source": self.source,
-            "part": self.part,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "siamese": __version__,
-        }
-        atomic.write_json(directory / "index.json", settings)
-        kept = {files[name] for name in ("rows", "embeddings", "engine") if name in files}
-        for stale in [*directory.glob("embeddings-*.npy"), *directory.glob("rows-*.json"),
-                      *directory.glob("engine-*")]:
-            if stale.name not in kept:
-                stale.unlink()
+        with claim_output(directory), atomic.replace_folder(directory) as new:
+            files = {
+                **_write_hashed(new, "rows", ".json", write_rows),
+                **_write_hashed(new, "embeddings", ".npy", lambda path: _save_npy(path, self.embeddings)),
+            }
+            if isinstance(self._engine, _Hnsw | _Faiss):
+                files.update(_write_hashed(new, "engine", self._engine.suffix, self._engine.write))
+            settings = {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "backend": self.backend,
+                "engine": self.params,
+                "recall": self.recall,
+                "rows": len(self),
+                "dim": self.dim,
+                "files": files,
+                "model": self.model,
+                "embedder": self.embedder,
+                "source": self.source,
+                "part": self.part,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "siamese": __version__,
+            }
+            atomic.write_json(new / "index.json", settings)
         return directory
 
     @classmethod
@@ -747,6 +750,12 @@ class Index:
             raise refuse(f"{rows_path.name} does not have one item, filename and labels list per row ({rows_count})")
         if rows_sha256 != files.get("rows_sha256"):
             raise refuse(f"{rows_path.name} was modified after the index was written (SHA-256 mismatch)")
+        for key in ("model", "embedder", "source", "part", "recall"):
+            if not isinstance(settings.get(key), dict | None):
+                raise refuse(f"expected {key} to be an object or null, found {settings[key]!r:.80}")
+        if set(settings.get("embedder") or {}) - EMBEDDER_KEYS:
+            raise refuse(f"expected an embedder with keys among {', '.join(sorted(EMBEDDER_KEYS))}, found "
+                         f"{sorted(settings['embedder'])}")
         index = cls.__new__(cls)
         index._set_rows(embeddings, items, filenames, labels)
         del rows, items, filenames, labels  # the JSON's lists of labels: 64 MiB at a million rows
@@ -763,21 +772,51 @@ class Index:
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
                 raise refuse(f"{engine_path.name} does not agree with the embeddings: {e}") from None
         elif backend == "balltree":
-            index._engine = _BallTree(embeddings, int(params["leaf_size"]))
+            leaf_size = params.get("leaf_size")
+            if type(leaf_size) is not int or leaf_size < 1:
+                raise refuse(f"expected the balltree's leaf_size to be an integer >= 1, found {leaf_size!r}")
+            index._engine = _BallTree(embeddings, leaf_size)
         else:
             index._engine = _Brute(embeddings)
         return index
 
 
 def _write_hashed(directory: Path, stem: str, suffix: str, write: Callable[[Path], object]) -> dict[str, str]:
-    """Write a file with `write(path)` atomically as `stem-<first 16 hex of its SHA-256><suffix>` in `directory`;
-    return its index.json entries: {stem: name, stem_sha256: hash}."""
-    with atomic.atomic_path(directory / f"{stem}{suffix}", suffix=suffix) as tmp:
-        write(tmp)
-        digest = _sha256(tmp)
+    """Write a file with `write(path)` as `stem-<first 16 hex of its SHA-256><suffix>` in `directory` (a folder
+    no one else reads yet); return its index.json entries: {stem: name, stem_sha256: hash}."""
+    path = directory / f"{stem}{suffix}"
+    write(path)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    digest = _sha256(path)
     name = f"{stem}-{digest[:16]}{suffix}"
-    os.replace(directory / f"{stem}{suffix}", directory / name)
+    os.replace(path, directory / name)
     return {stem: name, f"{stem}_sha256": digest}
+
+
+def index_files(directory: Path) -> set[str] | None:
+    """The names in `directory` that belong to the index its index.json describes (index.json included), or
+    None when it holds no index.json or one this tool did not write."""
+    try:
+        settings = json.loads((directory / "index.json").read_text(encoding="utf-8"))
+        files = settings["files"] if settings.get("format") == FORMAT else None
+        named = {Path(v).name for k, v in files.items() if not k.endswith("_sha256") and isinstance(v, str)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return {"index.json", *named}
+
+
+def refuse_part_output(directory: str | os.PathLike, parts: Sequence[str | os.PathLike]) -> None:
+    """Refuse to write a merged index over one of the shard `parts` it is merged from."""
+    if Path(directory).resolve() in {Path(p).resolve() for p in parts}:
+        raise SiameseError(f"Expected an output folder apart from the parts merged. Received: {directory}, one of "
+                           "the parts. Fix: write the merged index to a new folder.")
+
+
+def claim_output(directory: str | os.PathLike) -> AbstractContextManager[Path]:
+    """Lock the index folder `directory` and check that it is new, empty, or an index this tool wrote and nothing
+    else (see `atomic.claim_folder`): writing an index there deletes no one's files."""
+    return atomic.claim_folder(directory, index_files, "an index")
 
 
 def _check_embeddings(

@@ -51,6 +51,9 @@ def _application(backbone: Backbone, image_size: int, weights: str | None):
                 f"Fix: on a machine with internet run once to fill ~/.keras/models, or download the "
                 f"no-top weights file and pass --weights PATH, or --weights none to train from scratch."
             ) from None
+        if isinstance(e, ValueError):  # e.g. "Input size must be at least 75x75"
+            raise SiameseError(f"{backbone.name} cannot be built for {image_size} px images: {e}. Fix: leave out "
+                               f"the image size for the backbone's own ({backbone.image_size}).") from None
         raise
 
 
@@ -199,12 +202,34 @@ def load_embedding(path: str | os.PathLike) -> keras.Model:
         model = keras.saving.load_model(path, compile=False)
     except Exception as e:
         raise SiameseError(f"{path} could not be loaded as a Keras model ({type(e).__name__}: {e}).") from None
-    if len(model.inputs) != 1 or model.inputs[0].dtype != "uint8":
-        raise SiameseError(
-            f"Expected {path} to be an embedding network with one uint8 image input. "
-            f"Received: inputs {[(t.shape, t.dtype) for t in model.inputs]}"
-        )
+    check_embedding_network(model, str(path))
     return model
+
+
+def check_embedding_network(model: keras.Model, source: str) -> None:
+    """Refuse a model that is not an embedding network: one uint8 `(batch, size, size, 3)` image input of a fixed
+    size, one `(batch, dim)` vector per image out, and finite numbers out on a test batch (black, white and noise
+    images), so that a broken checkpoint is named as the cause before it embeds anything."""
+    inputs = [(tuple(t.shape), str(t.dtype)) for t in model.inputs]
+    shape = inputs[0][0] if len(inputs) == 1 else ()
+    if (len(inputs) != 1 or inputs[0][1] != "uint8" or len(shape) != 4 or shape[3] != 3 or shape[1] is None
+            or shape[1] != shape[2]):
+        raise SiameseError(f"Expected {source} to be an embedding network with one uint8 image input of shape "
+                           f"(batch, size, size, 3), a fixed square RGB size. Received: inputs {inputs}. Fix: pass "
+                           "the embedding network a `train` checkpoint holds.")
+    outputs = [tuple(t.shape) for t in model.outputs]
+    if len(outputs) != 1 or len(outputs[0]) != 2 or not outputs[0][1]:
+        raise SiameseError(f"Expected {source} to give one embedding vector per image, shape (batch, dim). "
+                           f"Received: outputs {outputs}. Fix: pass the embedding network a `train` checkpoint "
+                           "holds, or end yours in a Flatten or pooling layer.")
+    size = shape[1]
+    noise = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    batch = np.stack([np.zeros_like(noise), np.full_like(noise, 255), noise])
+    out = keras.ops.convert_to_numpy(model(batch, training=False))
+    if not np.isfinite(out).all():
+        raise SiameseError(f"{source} gives NaN or infinite embeddings on a test batch of black, white and noise "
+                           "images: the model is broken (its weights hold NaN, or training diverged). Fix: use an "
+                           "earlier checkpoint, or train again with a lower learning rate.")
 
 
 def model_fingerprint(model: keras.Model) -> str:

@@ -10,6 +10,8 @@ import datetime
 import json
 import os
 import warnings
+from collections import Counter
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +19,13 @@ import keras
 import numpy as np
 
 from siamese import atomic
+from siamese.embed import check_finite
 from siamese.errors import SiameseError, plural
 from siamese.images import ImageDecodeError, decode_image, parallel_map
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
+RUN_FILE = ".siamese.json"
+"""The run record in the output folder: settings, counts, and which image each output file is of."""
 
 
 def list_images(image_dir: str | os.PathLike) -> list[Path]:
@@ -32,12 +37,40 @@ def list_images(image_dir: str | os.PathLike) -> list[Path]:
 
 
 def output_names(paths: list[Path]) -> list[str]:
-    """The name each image goes by: its stem, or its whole file name where stems collide (also by case,
-    which would overwrite each other's output on case-insensitive file systems)."""
-    counts: dict[str, int] = {}
+    """The name each image goes by, unique by construction (also by case, for case-insensitive file systems):
+    its stem, or its whole file name where the stem is shared, is another image's file name or is the run
+    record's (`.siamese`); a name still taken gets `~2`, `~3`..."""
+    stems = Counter(p.stem.lower() for p in paths)
+    reserved = {p.name.lower() for p in paths} | {Path(RUN_FILE).stem}
+    names, used = [], {Path(RUN_FILE).stem}
     for p in paths:
-        counts[p.stem.lower()] = counts.get(p.stem.lower(), 0) + 1
-    return [p.stem if counts[p.stem.lower()] == 1 else p.name for p in paths]
+        name = base = p.stem if stems[p.stem.lower()] == 1 and p.stem.lower() not in reserved else p.name
+        copy = 1
+        while name.lower() in used:
+            copy += 1
+            name = f"{base}~{copy}"
+        used.add(name.lower())
+        names.append(name)
+    return names
+
+
+def _own_files(out: Path) -> set[str] | None:
+    """The names in `out` that a similarity run wrote, as its `.siamese.json` says (runs before it listed them:
+    every .json file), or None when `out` holds no record of one."""
+    try:
+        run = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+        files = run.get("files")
+        if files is None:
+            return {RUN_FILE, *(p.name for p in out.iterdir() if p.suffix == ".json" and p.is_file())}
+        return {RUN_FILE, *(f"{name}.json" for name in files)}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+
+
+def claim_output(out: str | os.PathLike) -> AbstractContextManager[Path]:
+    """Lock the output folder `out` and check that it is new, empty, or holds only what an earlier similarity run
+    wrote (see `atomic.claim_folder`), which the new run replaces whole."""
+    return atomic.claim_folder(out, _own_files, "similarity files")
 
 
 @dataclass
@@ -86,12 +119,16 @@ def folder_similarity(
     batch_size: int = 64,
     settings: dict | None = None,
     progress: bool = True,
+    source: str = "The model",
 ) -> SimilarityResult:
     """Embed every image of `image_dir` with `model` and write one JSON per image into `out`.
 
     `top_k` (default: all) keeps the most similar `top_k` entries per image, itself included. Images that
     cannot be decoded are skipped with one warning. `settings` are written to `out/.siamese.json` with the
-    run's counts, so the output can be traced to what made it. Each file is written atomically.
+    run's counts and which image each file is of, so the output can be traced to what made it. The whole
+    folder is written beside `out` and swapped in (`atomic.replace_folder`) under its lock (`claim_output`): a
+    crash leaves the previous run's folder whole, and a rerun leaves no file of an image since deleted.
+    `source` names the model in errors (default "The model").
     """
     if top_k is not None and top_k < 1:
         raise SiameseError(f"Expected --top-k >= 1. Received: {top_k}")
@@ -100,28 +137,32 @@ def folder_similarity(
         raise SiameseError(f"{image_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}). Fix: point --image-dir "
                            "at the folder that holds them.")
     names = output_names(paths)
-    kept, skipped, embeddings = _embed_files(model, paths, batch_size, progress)
-    result = SimilarityResult(Path(out), skipped=skipped)
-    if skipped:
-        first = f"{skipped[0][0]}: {skipped[0][1]}"
-        warnings.warn(f"Skipping {plural(len(skipped), 'image')} that cannot be decoded (first: {first}).",
-                      UserWarning, stacklevel=2)
-    if not kept:
-        raise SiameseError(f"None of the {plural(len(paths), 'image')} in {image_dir} could be decoded.")
-    kept_names = [names[i] for i in kept]
-    keep = len(kept) if top_k is None else min(top_k, len(kept))
-    for start in range(0, len(kept), 1024):
-        block = embeddings[start : start + 1024] @ embeddings.T
-        rows = np.arange(block.shape[0])
-        block[rows, rows + start] = np.inf  # itself first, reported as 1.0
-        order = np.argsort(-block, axis=1, kind="stable")[:, :keep]
-        for row, ranked in zip(rows, order, strict=True):
-            entries = [{"similarity": 1.0 if j == row + start else round(float(block[row, j]), 4),
-                        "filename": kept_names[j]} for j in ranked]
-            atomic.write_bytes(result.out / f"{kept_names[row + start]}.json", json.dumps(entries).encode())
-            result.written.append(kept_names[row + start])
-    run = {**(settings or {}), "image_dir": str(image_dir), "top_k": top_k, "images": len(paths),
-           "written": len(result.written), "skipped": [{"file": f, "reason": r} for f, r in skipped],
-           "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    atomic.write_json(result.out / ".siamese.json", run)
+    result = SimilarityResult(Path(out))
+    with claim_output(out), atomic.replace_folder(out) as new:
+        kept, result.skipped, embeddings = _embed_files(model, paths, batch_size, progress)
+        if result.skipped:
+            first = f"{result.skipped[0][0]}: {result.skipped[0][1]}"
+            warnings.warn(f"Skipping {plural(len(result.skipped), 'image')} that cannot be decoded (first: {first}).",
+                          UserWarning, stacklevel=2)
+        if not kept:
+            raise SiameseError(f"None of the {plural(len(paths), 'image')} in {image_dir} could be decoded.")
+        check_finite(embeddings, source, [paths[i].name for i in kept])
+        kept_names = [names[i] for i in kept]
+        keep = len(kept) if top_k is None else min(top_k, len(kept))
+        for start in range(0, len(kept), 1024):
+            block = embeddings[start : start + 1024] @ embeddings.T
+            rows = np.arange(block.shape[0])
+            block[rows, rows + start] = np.inf  # itself first, reported as 1.0
+            order = np.argsort(-block, axis=1, kind="stable")[:, :keep]
+            for row, ranked in zip(rows, order, strict=True):
+                entries = [{"similarity": 1.0 if j == row + start else round(float(block[row, j]), 4),
+                            "filename": kept_names[j]} for j in ranked]
+                (new / f"{kept_names[row + start]}.json").write_text(json.dumps(entries, allow_nan=False))
+                result.written.append(kept_names[row + start])
+        run = {**(settings or {}), "image_dir": str(image_dir), "top_k": top_k, "images": len(paths),
+               "written": len(result.written),
+               "files": {name: paths[i].name for name, i in zip(kept_names, kept, strict=True)},
+               "skipped": [{"file": f, "reason": r} for f, r in result.skipped],
+               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        atomic.write_json(new / RUN_FILE, run)
     return result

@@ -303,6 +303,15 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
         tf.config.experimental.enable_op_determinism()
     strategy = training_strategy(gpus)
     out = worker_path(config.out, strategy)
+    if out.is_dir():
+        raise SiameseError(f"Expected --out to name a checkpoint file. Received: {out}, which is a folder. Fix: name "
+                           f"a file in it, e.g. {out / Path(TrainConfig.out).name}.")
+    with atomic.output_lock(out):  # before any long work: a folder that cannot be written fails here
+        return _train(config, verbose, gpus, strategy, out)
+
+
+def _train(config: TrainConfig, verbose: int | str, gpus: list, strategy, out: Path) -> TrainResult:
+    """`train` once the checkpoint `out` is locked for this run."""
     backup_dir = sidecar(out, "backup")
     backup_config = backup_dir / "config.json"
     if backup_config.exists() and json.loads(backup_config.read_text()) != config.to_dict():
