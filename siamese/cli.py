@@ -343,7 +343,7 @@ def _validate(args: argparse.Namespace) -> int:
     from siamese.images import find_bad_images
     from siamese.pairs import PairSampler
 
-    report = validate_catalog(args.labeled_data, args.image_dir)
+    report = validate_catalog(args.labeled_data, args.image_dir, progress=not args.no_progress)
     bad = find_bad_images(report.catalog, progress=not args.no_progress)
     for problem in report.errors:
         print(f"error: {problem}")

@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 
 import pytest
 from conftest import solid_catalog, write_catalog, write_image
 
-from siamese.catalog import CatalogError, load_catalog, split_by_item, validate_catalog
+import siamese.catalog
+from siamese.catalog import MAX_NAME_CHARS, CatalogError, load_catalog, split_by_item, validate_catalog
 from siamese.errors import SiameseError
 
 
 def errors_of(path, image_dir) -> list[str]:
     return [str(p) for p in validate_catalog(path, image_dir).errors]
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail, instead of hanging, when the block takes longer than `seconds` (a blocked open() is interrupted)."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture
@@ -54,7 +73,7 @@ def test_not_utf8_and_missing_file_and_missing_folder(root):
         validate_catalog(root / "nope.json", root)
     with pytest.raises(SiameseError, match="Image folder not found: .*nowhere. Fix: pass the folder"):
         validate_catalog(path, root / "nowhere")
-    with pytest.raises(SiameseError, match="Expected a JSON file for --labeled-data. Received a directory"):
+    with pytest.raises(SiameseError, match="Expected a JSON file for --labeled-data. Received: a directory: "):
         validate_catalog(root, root)
 
 
@@ -181,7 +200,8 @@ def test_every_problem_is_reported_at_once_and_load_raises(root):
     report = validate_catalog(path, root)
     assert [p.item_id for p in report.errors] == ["abs", "gone", "lab"]
     assert [i.id for i in report.catalog.items] == ["ok"]
-    with pytest.raises(CatalogError, match=r"3 problems in the labeled data:\n  .*abs") as info:
+    with pytest.raises(CatalogError, match=r"3 problems in the labeled data; the first: .*abs.*Run `validate` to "
+                                           r"list all 3\.") as info:
         load_catalog(path, root)
     assert info.value.report.errors == report.errors
 
@@ -214,3 +234,156 @@ def test_digest_ignores_key_order(root):
     changed = json.loads(json.dumps(a))
     changed["b"]["labels"] = ["x"]
     assert load_catalog(write_catalog(root, changed, "three.json"), root).digest() != first.digest()
+
+
+def test_labeled_data_that_is_not_a_regular_file_is_refused_without_blocking(root):
+    fifo = root / "pipe.json"
+    os.mkfifo(fifo)
+    cases = [(fifo, "a named pipe \\(FIFO\\)"), (root, "a directory")]
+    if os.path.exists("/dev/zero"):
+        cases.append(("/dev/zero", "a character device"))
+    for path, kind in cases:
+        with deadline(10), pytest.raises(SiameseError, match=rf"Expected a JSON file for --labeled-data. "
+                                                             rf"Received: {kind}: .*Fix: pass the catalog's JSON file"):
+            validate_catalog(path, root)
+
+
+def test_labeled_data_symlink_loop_and_too_long_path(root):
+    os.symlink("loop.json", root / "loop.json")
+    with pytest.raises(SiameseError, match=r"Labeled data path is a symlink loop: .*loop.json. Fix: point "):
+        validate_catalog(root / "loop.json", root)
+    with pytest.raises(SiameseError, match=r"Labeled data path is too long for the file system: .*xxx\.\.\. "
+                                           r"\(\d{3},?\d* characters\). Fix: check the --labeled-data path"):
+        validate_catalog(root / ("x" * 300 + ".json"), root)
+    with pytest.raises(SiameseError, match=r"too long for the file system: .*\(6,\d{3} characters\)"):
+        validate_catalog(root / ("d/" * 3000 + "c.json"), root)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_labeled_data(root):
+    path = write_catalog(root, {"a": {"images": [{"filename": "a0.png"}]}})
+    path.chmod(0)
+    with pytest.raises(SiameseError, match=r"Labeled data file is not readable \(permission denied\): .*Fix: make"):
+        validate_catalog(path, root)
+
+
+def test_labeled_data_over_the_size_limit_even_when_stat_says_less(root, monkeypatch):
+    monkeypatch.setattr(siamese.catalog, "MAX_CATALOG_BYTES", 10)
+    path = write_catalog(root, {"a": {"images": [{"filename": "a0.png"}]}})
+    with pytest.raises(SiameseError, match=r"labeled.json holds more than 10 bytes, the limit for labeled data. "
+                                           r"Fix: check that --labeled-data names the catalog JSON"):
+        validate_catalog(path, root)
+    if os.path.exists("/proc/self/maps"):  # a regular file of size 0 with content: only the read sees it
+        with pytest.raises(SiameseError, match=r"/proc/self/maps holds more than 10 bytes"):
+            validate_catalog("/proc/self/maps", root)
+
+
+def test_integer_too_long_is_malformed_json_at_its_position(root):
+    digits = "7" * 5001
+    text = ('{"a": {"images": [{"filename": "a0.png"}], "note": "' + digits + '", "f": 1' + digits + '.5, '
+            '"e": 1e' + digits + ',\n  "n": -' + digits + "}}")
+    path = root / "labeled.json"
+    path.write_text(text)
+    column = len(text.split("\n")[1].split("-")[0]) + 1
+    with pytest.raises(SiameseError, match=rf"labeled.json: malformed JSON at line 2, column {column}: an integer "
+                                           rf"of 5,001 digits, more than the 4,300 Python reads. Fix: write it as a "
+                                           rf"string, or remove it"):
+        validate_catalog(path, root)
+
+
+def test_nan_infinity_and_overflowing_floats_are_numbers_the_schema_refuses(root):
+    path = root / "labeled.json"
+    path.write_text('{"a": {"images": [{"filename": NaN}, {"filename": 1e999}], "labels": [-Infinity],'
+                    ' "ignored": NaN}}')
+    assert [e.split(": ", 2)[2] for e in errors_of(path, root)] == [
+        "Expected an object with a non-empty string 'filename'. Received: a number. "
+        'Fix: write {"filename": "relative/path.jpg"}',
+        "Expected an object with a non-empty string 'filename'. Received: a number. "
+        'Fix: write {"filename": "relative/path.jpg"}',
+        "Expected 'labels' to be a list of strings. Received: a list [-Infinity]. "
+        'Fix: write "labels": ["red", "pink"], or leave it out',
+    ]
+
+
+def test_filenames_the_file_system_refuses_are_problems(root):
+    os.symlink("loop.png", root / "loop.png")
+    (root / "sub").mkdir()
+    os.symlink("../sub/cycle", root / "sub" / "cycle")
+    path = write_catalog(root, {
+        "loop": {"images": [{"filename": "loop.png"}, {"filename": "sub/cycle/a.png"}]},
+        "long": {"images": [{"filename": "n" * 300 + ".png"}, {"filename": "d/" * 3000 + "a.png"}]},
+        "under_file": {"images": [{"filename": "a0.png/a.png"}]},
+    })
+    errors = errors_of(path, root)
+    assert errors[0] == (f"{path}: item 'loop' at $[\"loop\"].images[0].filename: 'loop.png' is a symlink loop. "
+                         "Fix: point the link at an image file, or put the file there instead")
+    assert "images[1].filename: 'sub/cycle/a.png' is a symlink loop" in errors[1]
+    assert re.search(r"item 'long' at .*images\[0\].filename: filename of 304 characters is too long for the file "
+                     r"system: .*nnn\.\.\. \(\d+ characters\)\. Fix: rename the file and its folders shorter",
+                     errors[2]), errors[2]
+    assert "images[1].filename: filename of 6,005 characters is too long for the file system" in errors[3]
+    assert f"item 'under_file' at $[\"under_file\"].images[0].filename: file not found: {root / 'a0.png/a.png'}" \
+        in errors[4]
+    assert len(errors) == 5 and all(len(e) < 500 for e in errors)
+
+
+def test_huge_ids_and_labels_are_problems_shown_clipped(root):
+    huge = "i" * 1_000_000
+    write_image(root / "c0.png")
+    path = write_catalog(root, {
+        huge: {"images": [{"filename": "a0.png"}, {"filename": "a1.png"}]},
+        "ok": {"images": [{"filename": "b0.png"}, {"filename": "b1.png"}],
+               "labels": ["red", "l" * (MAX_NAME_CHARS + 1)]},
+        "i" * MAX_NAME_CHARS: {"images": [{"filename": "c0.png"}]},
+    })
+    report = validate_catalog(path, root)
+    first, second = (str(p) for p in report.errors)
+    assert first == (f"{path}: item '{'i' * 79}... (1,000,002 characters) at $[\"{'i' * 79}... (1,000,002 "
+                     "characters)]: item id of 1,000,000 characters, over the 1,000-character limit. "
+                     "Fix: give the item a shorter id")
+    assert second == (f"{path}: item 'ok' at $[\"ok\"].labels[1]: label of 1,001 characters, over the "
+                      "1,000-character limit. Fix: shorten the label")
+    assert report.errors[0].item_id == huge
+    assert [i.id for i in report.catalog.items] == ["i" * MAX_NAME_CHARS]
+
+
+def test_unpaired_surrogates_are_problems_and_messages_stay_printable(root):
+    path = root / "labeled.json"
+    path.write_text('{"\\ud800": {"images": [{"filename": "a0.png"}]},'
+                    ' "b": {"images": [{"filename": "\\udc80.png"}], "labels": ["\\udfff"]},'
+                    ' "c": {"images": [{"filename": "a1.png"}], "labels": ["\\udfff", 3]}}')
+    errors = errors_of(path, root)
+    assert errors == [
+        f"{path}: item '\\ud800' at $[\"\\ud800\"]: item id contains an unpaired surrogate (half of a \\u escape "
+        "pair). Fix: write the id as plain UTF-8 text",
+        f"{path}: item 'b' at $[\"b\"].images[0].filename: filename '\\udc80.png' contains an unpaired surrogate "
+        f"(half of a \\u escape pair), which no file name holds. Fix: give the path relative to --image-dir {root}, "
+        "inside it",
+        f"{path}: item 'b' at $[\"b\"].labels[0]: label contains an unpaired surrogate (half of a \\u escape pair). "
+        "Fix: write the label as plain UTF-8 text",
+        f"{path}: item 'c' at $[\"c\"].labels: Expected 'labels' to be a list of strings. Received: a list "
+        '["\\udfff", 3]. Fix: write "labels": ["red", "pink"], or leave it out',
+    ]
+    for error in errors:
+        error.encode()
+
+
+def test_keys_repeated_inside_an_item_are_reported_once(root):
+    path = root / "labeled.json"
+    path.write_text('{"a": {"images": [], "labels": [], "images": [], "labels": [], '
+                    '"images": [{"filename": "a0.png"}, {"filename": "a1.png"}]}}')
+    assert [e.split(": ", 2)[2] for e in errors_of(path, root)] == [
+        "key 'images' appears more than once. Fix: keep one of them",
+        "key 'labels' appears more than once. Fix: keep one of them",
+    ]
+
+
+def test_progress_bar_over_items_only_when_asked(root, capsys):
+    path = write_catalog(root, {"a": {"images": [{"filename": "a0.png"}, {"filename": "a1.png"}]}})
+    validate_catalog(path, root)
+    load_catalog(path, root)
+    assert "checking items" not in capsys.readouterr().err
+    assert validate_catalog(path, root, progress=True).ok
+    assert "checking items" in capsys.readouterr().err
+    assert len(load_catalog(path, root, progress=True)) == 1
+    assert "checking items" in capsys.readouterr().err
