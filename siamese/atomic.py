@@ -117,8 +117,13 @@ def _lock(path: Path, output: str | os.PathLike) -> int:
         if same:  # not a file its last holder removed after we opened it
             break
         os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except BaseException:  # e.g. a full disk: ours to remove, as we hold it
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        raise
     return fd
 
 
