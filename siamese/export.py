@@ -5,9 +5,11 @@
 - `serving_default`: `images`, a 1-D `tf.string` batch of encoded JPEG, PNG, GIF, BMP or WebP files, to
   `{"embeddings": float32 (batch, embedding_dim)}`. The decoding runs in the graph (a client needs only
   TensorFlow) and gives the same pixels as `siamese.images.decode_image`: first frame, grayscale and 16-bit
-  converted like Pillow, transparency composited onto white, padded to a centred square on white and resized
-  with Pillow's antialiased bilinear filter, re-implemented with its fixed-point arithmetic (`pillow_resize`).
-  JPEGs are decoded with the accurate integer DCT and turned upright from their EXIF orientation tag.
+  converted like Pillow, transparency composited onto white, resized with Pillow's antialiased bilinear filter
+  (re-implemented with its fixed-point arithmetic, `pillow_resize`) to `siamese.images.fitted_size` and padded
+  to a centred square on white; an aspect ratio over `siamese.images.MAX_ASPECT_RATIO` is refused
+  (`InvalidArgumentError`). JPEGs are decoded with the accurate integer DCT and turned upright from their EXIF
+  orientation tag.
 - `serve_pixels`: `pixels`, uint8 `(batch, image_size, image_size, 3)`, to the same output.
 
 Where the graph and Pillow differ (use `decode_image` and `serve_pixels` for such files): the EXIF orientation
@@ -29,6 +31,7 @@ import tensorflow as tf
 
 from siamese import atomic
 from siamese.errors import SiameseError
+from siamese.images import MAX_ASPECT_RATIO
 from siamese.models import model_fingerprint
 
 BYTES_SIGNATURE = "serving_default"
@@ -124,21 +127,48 @@ def _to_rgb(image: tf.Tensor) -> tf.Tensor:
     )
 
 
-def _pad_square(image: tf.Tensor) -> tf.Tensor:
-    """Pad an `(h, w, 3)` image to a centred square on white, like `siamese.images.square`."""
+def _fitted_size(height: tf.Tensor, width: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """`siamese.images.fitted_size` in the graph, as `(height, width)`: the long side becomes `size`, the short
+    side `short * size / long` rounded half up, at least 1 (int64 arithmetic, so no overflow)."""
+    height, width = tf.cast(height, tf.int64), tf.cast(width, tf.int64)
+    long = tf.maximum(height, width)
+
+    def fit(n):
+        return tf.cast(tf.maximum((2 * n * size + long) // (2 * long), 1), tf.int32)
+
+    return fit(height), fit(width)
+
+
+def _check_aspect_ratio(image: tf.Tensor) -> tf.Tensor:
+    """`image` once its long side is checked to be at most `MAX_ASPECT_RATIO` times its short side, like
+    `siamese.images.open_rgb`; otherwise `InvalidArgumentError`, before anything is resized."""
+    height, width = tf.cast(tf.shape(image)[0], tf.int64), tf.cast(tf.shape(image)[1], tf.int64)
+    check = tf.debugging.Assert(
+        tf.maximum(height, width) <= MAX_ASPECT_RATIO * tf.minimum(height, width),
+        [f"Expected an image at most {MAX_ASPECT_RATIO} times as long as wide or as wide as long "
+         "(siamese.images.MAX_ASPECT_RATIO). Received: an image of height, width", height, width, "Fix: crop it"],
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(image)
+
+
+def _pad_square(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Pad an `(h, w, 3)` image, h and w at most `size`, to a centred `size` x `size` square on white, the odd
+    pixel right or below, like `siamese.images.square`."""
     h, w = tf.shape(image)[0], tf.shape(image)[1]
-    side = tf.maximum(h, w)
-    top, left = (side - h) // 2, (side - w) // 2
-    return tf.pad(image, [[top, side - h - top], [left, side - w - left], [0, 0]], constant_values=255)
+    top, left = (size - h) // 2, (size - w) // 2
+    return tf.pad(image, [[top, size - h - top], [left, size - w - left], [0, 0]], constant_values=255)
 
 
-def _resample_rows(image: tf.Tensor, size: int) -> tf.Tensor:
-    """Resample the rows (axis 0) of a uint8 `(h, w, c)` image to `size`, like Pillow's 8-bit bilinear pass."""
+def _resample_rows(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+    """Resample the rows (axis 0) of a uint8 `(h, w, c)` image to `size` (an int32 scalar), like Pillow's 8-bit
+    bilinear pass. Memory: the input, the `(size, w, c)` output and `size` x taps coefficients (taps about
+    `2 h / size`), whatever the shape."""
     in_size = tf.shape(image)[0]
-    scale = tf.cast(in_size, tf.float64) / size
+    scale = tf.cast(in_size, tf.float64) / tf.cast(size, tf.float64)
     filterscale = tf.maximum(scale, 1.0)  # the filter widens by the scale factor when shrinking: antialiasing
     taps = 2 * tf.cast(tf.math.ceil(filterscale), tf.int32) + 1
-    center = (tf.range(size, dtype=tf.float64) + 0.5) * scale
+    center = (tf.cast(tf.range(size), tf.float64) + 0.5) * scale
     first = tf.maximum(tf.floor(center - filterscale + 0.5), 0.0)
     end = tf.minimum(tf.floor(center + filterscale + 0.5), tf.cast(in_size, tf.float64))
     x = first[:, None] + tf.range(taps, dtype=tf.float64)
@@ -156,22 +186,28 @@ def _resample_rows(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(total // (1 << _PRECISION_BITS), 0, 255), tf.uint8)
 
 
-def pillow_resize(image: tf.Tensor, size: int) -> tf.Tensor:
-    """Resize a uint8 `(h, w, c)` image to `(size, size, c)` like Pillow's `resize(BILINEAR)`, bit for bit.
+def pillow_resize(image: tf.Tensor, shape: tuple[int | tf.Tensor, int | tf.Tensor]) -> tf.Tensor:
+    """Resize a uint8 `(h, w, c)` image to `shape = (height, width)` bit for bit like Pillow's
+    `resize(BILINEAR)` of the width and then of the height (the two calls `siamese.images.square` makes).
 
-    Pillow resamples the width, rounds to uint8, then resamples the height, with its triangle filter widened
-    by the scale factor when shrinking (antialiasing); `tf.image.resize(antialias=True)` is off by up to 1.
+    Each pass is Pillow's: its triangle filter widened by the scale factor when shrinking (antialiasing) and its
+    fixed-point rounding to uint8; `tf.image.resize(antialias=True)` is off by up to 1. A side that keeps its
+    length comes out unchanged (that pass is exact), as Pillow skips it.
     """
-    columns = _resample_rows(tf.transpose(image, [1, 0, 2]), size)
-    return _resample_rows(tf.transpose(columns, [1, 0, 2]), size)
+    height, width = (tf.convert_to_tensor(n, tf.int32) for n in shape)
+    columns = _resample_rows(tf.transpose(image, [1, 0, 2]), width)
+    return _resample_rows(tf.transpose(columns, [1, 0, 2]), height)
 
 
 def decode_image_tf(data: tf.Tensor, size: int) -> tf.Tensor:
     """The graph twin of `siamese.images.decode_image`: one encoded image (scalar string) to uint8 `(size,
-    size, 3)`. Raises `tf.errors.InvalidArgumentError` for data that is not a JPEG, PNG, GIF, BMP or WebP."""
-    image = _pad_square(_to_rgb(_decode_channels(data)))
-    image = tf.cond(tf.shape(image)[0] == size, lambda: image, lambda: pillow_resize(image, size))
-    return tf.ensure_shape(image, (size, size, 3))
+    size, 3)`. Raises `tf.errors.InvalidArgumentError` for data that is not a JPEG, PNG, GIF, BMP or WebP and
+    for an aspect ratio over `MAX_ASPECT_RATIO`."""
+    image = _check_aspect_ratio(_to_rgb(_decode_channels(data)))
+    height, width = _fitted_size(tf.shape(image)[0], tf.shape(image)[1], size)
+    same = (height == tf.shape(image)[0]) & (width == tf.shape(image)[1])
+    image = tf.cond(same, lambda: image, lambda: pillow_resize(image, (height, width)))
+    return tf.ensure_shape(_pad_square(image, size), (size, size, 3))
 
 
 def _next_version(output: Path) -> int:

@@ -1,21 +1,33 @@
 """The one image decoder used by training, export, index and query, and the full-decode check pass.
 
 `decode_image` applies EXIF orientation; converts grayscale, 16-bit, palette, CMYK, RGBA and animated
-images to RGB (transparency onto white, first frame); pads to a square on white and resizes with
-antialiasing (Pillow's bilinear filter widened to the scale factor, like `tf.image.resize(antialias=True)`).
+images to RGB (transparency onto white, first frame); resizes with antialiasing (Pillow's bilinear filter
+widened to the scale factor, like `tf.image.resize(antialias=True)`) to `fitted_size`: the long side becomes
+`size` and the short side `short * size / long`, rounded half up, at least 1 pixel; then pads to a centred
+`size` x `size` square on white, the odd pixel of padding going right or below. Memory stays of the order of
+the file's own pixels plus the output, whatever the aspect ratio; images more than `MAX_ASPECT_RATIO` times
+longer than wide (or the reverse) are refused. Square images decode as they always have; other images
+differ slightly from decoder version 1 (`siamese.pipeline`), which padded to a square first and then resized.
+
+Only regular files are read: a FIFO, a device, a socket, a folder or a symlink loop is refused at once,
+never opened in a way that could block.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
+import stat
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import connection, parent_process
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -28,12 +40,64 @@ from siamese.catalog import Catalog
 from siamese.errors import SiameseError, plural
 
 WHITE = (255, 255, 255)
+MAX_ASPECT_RATIO = 100  # the long side may be at most this many times the short side
 OnBadImage = Literal["fail", "skip"]
 ImageSource = str | os.PathLike | bytes | BinaryIO
 
 
 class ImageDecodeError(SiameseError):
-    """An image that cannot be decoded: empty, truncated, not an image, or over the pixel limit."""
+    """An image that cannot be decoded: empty, truncated, not an image, not a regular file, over the pixel
+    limit or the aspect-ratio limit. The message is the reason; callers put the file's name before it."""
+
+
+_FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+def _not_regular(mode: int) -> ImageDecodeError:
+    kind = _FILE_KINDS.get(stat.S_IFMT(mode), "some other kind of file")
+    return ImageDecodeError(f"not a regular file but {kind}")
+
+
+def _unreadable(e: OSError) -> ImageDecodeError:
+    if e.errno == errno.ELOOP:
+        return ImageDecodeError("cannot be read: a symlink loop (or a chain of over 40 symlinks)")
+    return ImageDecodeError(f"cannot be read ({e.strerror})")
+
+
+def open_file(path: str | os.PathLike) -> BinaryIO:
+    """Open a regular file for reading; raise `ImageDecodeError` at once for anything else.
+
+    The file is opened without blocking (`O_NONBLOCK`: a FIFO without a writer opens at once) and checked with
+    `fstat` on the open descriptor, so nothing can be swapped in between the check and the read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        error = _unreadable(e)
+        if e.errno == errno.ENXIO:  # what opening a socket gives: say what it is
+            with contextlib.suppress(OSError):
+                mode = os.stat(path).st_mode
+                if not stat.S_ISREG(mode):
+                    error = _not_regular(mode)
+        raise error from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(mode)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Put `path` before the message of an `ImageDecodeError` raised inside (for callers without a catalog)."""
+    try:
+        yield
+    except ImageDecodeError as e:
+        raise ImageDecodeError(f"{path}: {e}") from None
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -56,11 +120,18 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 def open_rgb(source: ImageSource) -> Image.Image:
     """Fully decode an image file (or bytes) into an upright 8-bit RGB Pillow image.
 
-    Raises `ImageDecodeError` for empty, truncated or non-image data and for images over Pillow's
-    pixel limit (`PIL.Image.MAX_IMAGE_PIXELS`, a decompression bomb guard).
+    Raises `ImageDecodeError` for a path that is not a regular file (`open_file`), for empty, truncated or
+    non-image data, for images over Pillow's pixel limit (`PIL.Image.MAX_IMAGE_PIXELS`, a decompression bomb
+    guard) and for images more than `MAX_ASPECT_RATIO` times longer than wide or wider than long; the last two
+    are refused from the file's header, before its pixels are decoded.
     """
-    if isinstance(source, bytes):
-        source = io.BytesIO(source)
+    if isinstance(source, str | os.PathLike):
+        with open_file(source) as f:
+            return _read_rgb(f)
+    return _read_rgb(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
+def _read_rgb(source: BinaryIO) -> Image.Image:
     limit = Image.MAX_IMAGE_PIXELS
     fix = "resize it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it"
     try:
@@ -73,6 +144,13 @@ def open_rgb(source: ImageSource) -> Image.Image:
                 raise ImageDecodeError(
                     f"{im.width}x{im.height} = {im.width * im.height:,} pixels is over Pillow's limit of "
                     f"{limit:,} (a decompression bomb?); {fix}"
+                )
+            long, short = max(im.size), min(im.size)
+            if long > MAX_ASPECT_RATIO * short:
+                ratio = f"{round(long / short, 1):,}".removesuffix(".0")
+                raise ImageDecodeError(
+                    f"{im.width}x{im.height} is an aspect ratio of {ratio}:1, over the limit of {MAX_ASPECT_RATIO}:1 "
+                    "(siamese.images.MAX_ASPECT_RATIO); crop it"
                 )
             im.seek(0)  # first frame of an animation
             im.load()
@@ -87,15 +165,32 @@ def open_rgb(source: ImageSource) -> Image.Image:
         raise ImageDecodeError(f"cannot be decoded ({type(e).__name__}: {e})") from None
 
 
+def fitted_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """The `(width, height)` an image is resized to inside a `size` square: the long side becomes `size`, the
+    short side `short * size / long` rounded half up (an exact integer formula), and at least 1 pixel."""
+    long = max(width, height)
+
+    def fit(n: int) -> int:
+        return max(1, (2 * n * size + long) // (2 * long))
+
+    return fit(width), fit(height)
+
+
 def square(im: Image.Image, size: int) -> np.ndarray:
-    """Pad an RGB image to a centred square on white and resize it to `size` x `size` (uint8 array)."""
-    side = max(im.width, im.height)
-    if im.width != im.height:
-        canvas = Image.new("RGB", (side, side), WHITE)
-        canvas.paste(im, ((side - im.width) // 2, (side - im.height) // 2))
+    """Resize an RGB image to `fitted_size` and pad it to a centred `size` x `size` square on white (uint8
+    array); the padding's odd pixel goes right or below. Allocates about the input plus the output, whatever
+    the aspect ratio (never the input padded to a square)."""
+    width, height = fitted_size(im.width, im.height, size)
+    # Width, then height, in two calls, as `siamese.export.pillow_resize` does: given both at once, Pillow picks
+    # the order itself (the height first for some shapes), and the order changes the rounding.
+    if width != im.width:
+        im = im.resize((width, im.height), Image.Resampling.BILINEAR)
+    if height != im.height:
+        im = im.resize((width, height), Image.Resampling.BILINEAR)
+    if width != height:
+        canvas = Image.new("RGB", (size, size), WHITE)
+        canvas.paste(im, ((size - width) // 2, (size - height) // 2))
         im = canvas
-    if side != size:
-        im = im.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(im, dtype=np.uint8)
 
 
@@ -105,11 +200,28 @@ def decode_image(source: ImageSource, size: int) -> np.ndarray:
 
 
 def decode_images(paths: list[str], size: int) -> np.ndarray:
-    """Decode several files into one `(len(paths), size, size, 3)` uint8 batch."""
+    """Decode several files into one `(len(paths), size, size, 3)` uint8 batch; errors name the file."""
     batch = np.empty((len(paths), size, size, 3), np.uint8)
     for k, path in enumerate(paths):
-        batch[k] = decode_image(path, size)
+        with naming(path):
+            batch[k] = decode_image(path, size)
     return batch
+
+
+def exit_with_parent() -> None:
+    """In a `multiprocessing` child (a pool's `initializer`): end this process as soon as its parent process
+    dies, however it dies, rather than stay behind as an orphan.
+
+    A thread waits on the child's sentinel of its parent (a pipe the parent holds open until it exits). This
+    covers forkserver children too, whose parent process (the forkserver) outlives the one that started them.
+    """
+    sentinel = parent_process().sentinel
+
+    def watch() -> None:
+        connection.wait([sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 @dataclass(frozen=True)
@@ -143,8 +255,14 @@ def cache_dir() -> Path:
 
 
 def file_stamp(path: Path) -> list[int]:
-    """What tells a file changed without reading it: [size, mtime in ns, inode]."""
-    st = path.stat()
+    """What tells a file changed without reading it: [size, mtime in ns, inode]. Raises `ImageDecodeError`
+    when it cannot be read or is not a regular file."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise _unreadable(e) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(st.st_mode)
     return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
@@ -167,7 +285,8 @@ def find_bad_images(
     root = catalog.image_dir.resolve()
     key = hashlib.sha256(str(root).encode()).hexdigest()[:24]
     record_path = cache_dir() / "image-checks" / f"{key}.json"
-    header = {"version": 1, "pillow": PIL.__version__, "max_pixels": Image.MAX_IMAGE_PIXELS, "root": str(root)}
+    header = {"version": 1, "pillow": PIL.__version__, "max_pixels": Image.MAX_IMAGE_PIXELS,
+              "max_aspect_ratio": MAX_ASPECT_RATIO, "root": str(root)}
     known: dict[str, list] = {}
     try:
         saved = json.loads(record_path.read_text())
@@ -182,8 +301,8 @@ def find_bad_images(
     for filename, path in zip(catalog.filenames, catalog.paths, strict=True):
         try:
             stamps[filename] = file_stamp(path)
-        except OSError as e:
-            results[filename] = f"cannot be read ({e.strerror})"
+        except ImageDecodeError as e:
+            results[filename] = str(e)
             continue
         entry = known.get(filename)
         if isinstance(entry, list) and len(entry) == 2 and entry[0] == stamps[filename]:

@@ -14,6 +14,7 @@ import json
 import math
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -23,11 +24,20 @@ from siamese import atomic
 from siamese.catalog import Catalog
 from siamese.config import CACHES
 from siamese.errors import SiameseError
-from siamese.images import cache_dir, decode_image, decode_images, file_stamp, parallel_map, usable_cpus
+from siamese.images import (
+    cache_dir,
+    decode_image,
+    decode_images,
+    exit_with_parent,
+    file_stamp,
+    naming,
+    parallel_map,
+    usable_cpus,
+)
 from siamese.pairs import PairSampler
 
 Cache = Literal["none", "memory", "disk"]
-_DECODER_VERSION = 1  # bump when decode_image changes its output, to invalidate on-disk caches
+_DECODER_VERSION = 2  # bump when decode_image changes its output, to invalidate on-disk caches (2: resize, then pad)
 
 
 def _check_cache(cache: str) -> None:
@@ -48,9 +58,13 @@ def decoded_images(
         raise SiameseError(f"Expected cache to be memory or disk ('none' decodes on the fly). Received: {cache!r}")
     shape = (len(catalog.filenames), image_size, image_size, 3)
 
+    def decode(path: Path) -> np.ndarray:
+        with naming(path):
+            return decode_image(path, image_size)
+
     def fill(store: np.ndarray) -> None:
-        decoded = parallel_map(lambda p: decode_image(p, image_size), list(catalog.paths), workers=workers,
-                               progress=progress, desc="decoding images")
+        decoded = parallel_map(decode, list(catalog.paths), workers=workers, progress=progress,
+                               desc="decoding images")
         for i, image in enumerate(decoded):
             store[i] = image
 
@@ -58,7 +72,10 @@ def decoded_images(
         store = np.empty(shape, np.uint8)
         fill(store)
         return store
-    stamps = [[str(p.resolve()), *file_stamp(p)] for p in catalog.paths]
+    stamps = []
+    for p in catalog.paths:
+        with naming(p):
+            stamps.append([*file_stamp(p), str(p.resolve())])
     key = hashlib.sha256(json.dumps([_DECODER_VERSION, image_size, stamps]).encode()).hexdigest()[:32]
     path = cache_dir() / "decoded" / f"{key}.npy"
     if path.exists():
@@ -78,9 +95,12 @@ def _decoder_pool(workers: int) -> ProcessPoolExecutor:
     """One pool of image-decoding processes per size, started once and shared by every dataset.
 
     forkserver: forking a process that runs TensorFlow's threads is unsafe. The workers import only
-    `siamese.images` (plus the main script, as every spawned Python process does).
+    `siamese.images` (plus the main script, as every spawned Python process does). They end when this
+    process dies, even by SIGKILL (`exit_with_parent`); the forkserver and the resource tracker then end too,
+    as the last holders of their pipes are gone.
     """
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+    context = multiprocessing.get_context("forkserver")
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=exit_with_parent)
 
 
 def _batch_loader(

@@ -84,7 +84,7 @@ def decode():
     """`decode_image_tf` traced once per size, as the SavedModel runs it."""
     return {
         size: tf.function(lambda data, size=size: decode_image_tf(data, size), autograph=False)
-        for size in (SIZE, 9, 100)
+        for size in (SIZE, 9, 28, 100)
     }
 
 
@@ -95,6 +95,60 @@ def decode():
 def test_graph_decoder_gives_the_pixels_of_decode_image(images, decode, name, size):
     data = images[name].read_bytes()
     np.testing.assert_array_equal(decode[size](tf.constant(data)).numpy(), decode_image(data, size))
+
+
+@pytest.mark.parametrize(("width", "height"), [(37, 5), (5, 37), (300, 200), (199, 200), (1, 80), (80, 1), (8, 3),
+                                               (3, 2), (100, 1), (1000, 10)])
+@pytest.mark.parametrize("size", [28, SIZE])
+def test_graph_decoder_resizes_and_pads_any_shape_like_decode_image(tmp_path, decode, width, height, size):
+    data = save(tmp_path / "image.png", photo(width, height, seed=width)).read_bytes()
+    np.testing.assert_array_equal(decode[size](tf.constant(data)).numpy(), decode_image(data, size))
+
+
+@pytest.mark.parametrize(("width", "height"), [(101, 1), (1, 101), (20000, 10)])
+def test_graph_decoder_refuses_an_absurd_aspect_ratio(tmp_path, decode, width, height):
+    data = write_image(tmp_path / "strip.png", (0, 0, 0), (width, height)).read_bytes()
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"Expected an image at most 100 times as long as wide "
+                                                             rf"or as wide as long .*\] \[{height}\] \[{width}\]"):
+        decode[28](tf.constant(data))
+
+
+BOUNDED = """
+import json, resource, sys
+import numpy as np, tensorflow as tf
+from siamese.export import decode_image_tf
+decode = tf.function(lambda data: decode_image_tf(data, 28), autograph=False)
+small, *paths = sys.argv[2:]
+decode(tf.constant(open(small, "rb").read()))  # TensorFlow's threads and kernels, before the limit
+with open("/proc/self/status") as f:
+    mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (mapped + int(sys.argv[1]), resource.getrlimit(resource.RLIMIT_AS)[1]))
+report = {}
+for path in paths:
+    try:
+        np.save(path + ".npy", decode(tf.constant(open(path, "rb").read())).numpy())
+        report[path] = "decoded"
+    except tf.errors.InvalidArgumentError as e:
+        report[path] = e.message
+print(json.dumps(report))
+"""
+
+
+def test_graph_decoder_decodes_or_refuses_strips_within_1_5_gigabytes_of_address_space(tmp_path):
+    small = save(tmp_path / "small.png", photo(40, 30))
+    files = {f"{w}x{h}": write_image(tmp_path / f"{w}x{h}.png", (200, 10, 30), (w, h))
+             for w, h in ((30000, 300), (300, 30000), (20000, 10), (60000, 1))}
+    # The old decoder padded 20000x10 to a 1.2 GB square and transposed it (2.4 GB); 30000x300 to 2.7 GB.
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-c", BOUNDED, str(3 << 29), str(small), *map(str, files.values())],
+                            cwd=env["PYTHONPATH"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    for name in ("20000x10", "60000x1"):
+        assert "Expected an image at most 100 times as long as wide" in report[str(files[name])]
+    for name in ("30000x300", "300x30000"):
+        assert report[str(files[name])] == "decoded"
+        np.testing.assert_array_equal(np.load(f"{files[name]}.npy"), decode_image(files[name], 28))
 
 
 def test_16_bit_colour_png_keeps_the_high_byte_like_pillow(decode):
@@ -172,7 +226,8 @@ def served(tmp_path_factory, exported, images):
         "exports": [str(exported / v) for v in ("1", "2", "3")],
         "images": [str(path) for path in images.values()],
         "pixels": str(root / "pixels.npy"),
-        "bad": {"text": "not an image", "empty": "", "truncated": png[: len(png) // 2].decode("latin-1")},
+        "bad": {"text": "not an image", "empty": "", "truncated": png[: len(png) // 2].decode("latin-1"),
+                "strip": write_image(root / "strip.png", size=(20000, 10)).read_bytes().decode("latin-1")},
         "out": str(root / "out.npz"),
     }
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -197,7 +252,7 @@ def test_signatures_equal_the_keras_model_on_decode_image_pixels(served, model, 
 
 def test_bad_bytes_raise_invalid_argument(served):
     _, report, _ = served
-    assert report["errors"] == dict.fromkeys(("text", "empty", "truncated"), "InvalidArgumentError")
+    assert report["errors"] == dict.fromkeys(("text", "empty", "truncated", "strip"), "InvalidArgumentError")
 
 
 def test_versions_and_their_description(exported, model):

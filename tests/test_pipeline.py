@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import solid_catalog
+from conftest import solid_catalog, write_image
 
 import siamese.pipeline as pipeline_module
 from siamese.catalog import load_catalog
 from siamese.errors import SiameseError
-from siamese.images import decode_image
+from siamese.images import ImageDecodeError, decode_image
 from siamese.pairs import PairSampler
 from siamese.pipeline import batch_dataset, decoded_images, image_dataset, pair_dataset, steps_per_epoch
 
@@ -75,6 +81,19 @@ def test_image_dataset_keeps_catalog_order(catalog):
     assert (cached == images).all()
 
 
+def test_an_image_that_cannot_be_decoded_is_named(tmp_path):
+    catalog = load_catalog(solid_catalog(tmp_path, {"a": (2, [])}), tmp_path)
+    strip, fifo = catalog.paths
+    write_image(strip, size=(20000, 10))  # both changed after the catalog was loaded
+    fifo.unlink()
+    os.mkfifo(fifo)
+    with pytest.raises(ImageDecodeError, match=f"^{fifo}: not a regular file but a named pipe"):
+        decoded_images(catalog, 8, "disk", progress=False)
+    write_image(fifo.with_name("gone.png")).rename(fifo)
+    with pytest.raises(ImageDecodeError, match=f"^{strip}: 20000x10 is an aspect ratio of 2,000:1, over the limit"):
+        decoded_images(catalog, 8, "memory", progress=False)
+
+
 def test_pipeline_arguments_are_checked(tmp_path):
     catalog = load_catalog(solid_catalog(tmp_path, {"a": (2, []), "b": (2, [])}), tmp_path)
     sampler = PairSampler(catalog)
@@ -133,3 +152,55 @@ def test_the_shards_of_a_stream_are_the_slices_of_its_batches_in_order(catalog):
         batch_dataset(sampler, 8, batch_size=12, shard=(0, 5))
     with pytest.raises(SiameseError, match=r"0 <= i < n .* Received: \(2, 2\)"):
         pair_dataset(sampler, 8, batch_size=12, shard=(2, 2))
+
+
+KILLED = """
+import json, os, signal, sys
+from siamese.catalog import load_catalog
+from siamese.pipeline import image_dataset
+labeled, image_dir, out = sys.argv[1:]
+next(iter(image_dataset(load_catalog(labeled, image_dir), 8, batch_size=8, workers=2)))
+parents = {}
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        pass
+family, generation = [], [os.getpid()]
+while generation:
+    generation = [pid for pid, parent in parents.items() if parent in generation]
+    family += generation
+with open(out, "w") as f:
+    json.dump(family, f)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie no one has reaped yet counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc")
+def test_decoding_processes_end_when_their_parent_is_killed(digits, tmp_path):
+    out = tmp_path / "family.json"
+    root = Path(__file__).resolve().parents[1]
+    child = subprocess.run(  # no pipes: an orphan holding one would keep run() waiting
+        [sys.executable, "-c", KILLED, str(digits / "test.json"), str(digits), str(out)], cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root), "TF_CPP_MIN_LOG_LEVEL": "3"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, timeout=120)
+    assert child.returncode == -signal.SIGKILL
+    family = json.loads(out.read_text())
+    assert len(family) >= 4  # the forkserver, the resource tracker and the two workers
+    deadline = time.monotonic() + 5
+    while any(map(running, family)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in family if running(pid)]
+    for pid in left:  # a failed run leaves no orphans behind it
+        os.kill(pid, signal.SIGKILL)
+    assert left == []
