@@ -20,6 +20,8 @@ there is no decompression-bomb limit beyond the server's memory.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import shutil
@@ -32,7 +34,7 @@ import tensorflow as tf
 from siamese import atomic
 from siamese.errors import SiameseError
 from siamese.images import MAX_ASPECT_RATIO
-from siamese.models import model_fingerprint
+from siamese.models import check_embedding_network, model_fingerprint
 
 BYTES_SIGNATURE = "serving_default"
 PIXELS_SIGNATURE = "serve_pixels"
@@ -225,24 +227,11 @@ def export_savedmodel(
     size, embedding dim, signatures, model fingerprint and TensorFlow and Keras versions. It is written to a
     temporary folder in `output` and renamed when complete, so a crash never leaves a half-written version.
     """
-    if len(model.inputs) != 1 or model.inputs[0].dtype != "uint8" or len(model.input_shape) != 4:
-        raise SiameseError(
-            "Expected an embedding network with one uint8 (batch, size, size, 3) image input. "
-            f"Received: inputs {[(tuple(t.shape), t.dtype) for t in model.inputs]}"
-        )
+    check_embedding_network(model, model.name)
     size, embedding_dim = model.input_shape[1], model.output_shape[-1]
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    if version is None:
-        version = _next_version(output)
-    elif version < 1:
+    if version is not None and version < 1:
         raise SiameseError(f"Expected a version >= 1. Received: {version}")
-    final = output / str(version)
-    if final.exists():
-        raise SiameseError(
-            f"Expected a new version number. Received: {version}, but {final} already exists. "
-            f"Fix: leave out the version to write version {_next_version(output)}, or remove {final}."
-        )
 
     def embed(pixels):
         # Batch norm rejects an empty batch in a graph: answer it without calling the model.
@@ -270,9 +259,34 @@ def export_savedmodel(
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
     }
+    created = not output.exists()
+    with atomic.output_lock(output):  # two exports cannot both take the next version
+        output.mkdir(parents=True, exist_ok=True)
+        try:
+            return _write_version(archive, description, output, version)
+        except BaseException:
+            if created:
+                with contextlib.suppress(OSError):
+                    output.rmdir()
+            raise
+
+
+def _write_version(archive: keras.export.ExportArchive, description: dict, output: Path, version: int | None) -> Path:
+    """Write `archive` and `description` (siamese.json) to `output/<version>` through a temporary folder."""
+    if version is None:
+        version = _next_version(output)
+    final = output / str(version)
+    if final.exists():
+        raise SiameseError(
+            f"Expected a new version number. Received: {version}, but {final} already exists. "
+            f"Fix: leave out the version to write version {_next_version(output)}, or remove {final}."
+        )
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=output))
     try:
-        archive.write_out(tmp, verbose=False)
+        try:
+            archive.write_out(tmp, verbose=False)
+        except tf.errors.OpError as e:  # TensorFlow's own file writes: a full disk is ResourceExhaustedError
+            raise _os_error(e, tmp) from None
         atomic.write_json(tmp / INFO_FILE, description)
         for path in tmp.rglob("*"):
             if path.is_file():
@@ -283,3 +297,10 @@ def export_savedmodel(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _os_error(e: tf.errors.OpError, folder: Path) -> OSError:
+    """The OSError a TensorFlow file error stands for (its message ends "...; No space left on device")."""
+    reason = e.message.rsplit(";", 1)[-1].split("[Op:")[0].strip()
+    code = next((c for c in errno.errorcode if os.strerror(c) == reason), None)
+    return OSError(code, reason, str(folder.parent))

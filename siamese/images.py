@@ -237,14 +237,14 @@ class BadImage:
 
 
 class BadImagesError(SiameseError):
-    """The catalog has images that cannot be decoded; `bad` lists every one."""
+    """The catalog has images that cannot be decoded; `bad` lists every one, the message (one line) the first."""
 
     def __init__(self, bad: list[BadImage], image_dir: Path):
         self.bad = bad
-        lines = [f"{plural(len(bad), 'image')} in {image_dir} cannot be used:"]
-        lines += [f"  {b}" for b in bad]
-        lines.append("Fix: replace or remove them, or pass --on-bad-image skip to leave them out.")
-        super().__init__("\n".join(lines))
+        listed = "; run `validate` to list them all" if len(bad) > 1 else ""
+        super().__init__(f"{plural(len(bad), 'image')} in {image_dir} cannot be used (first: {bad[0]}). Fix: "
+                         f"replace or remove {'it' if len(bad) == 1 else 'them'}, or pass --on-bad-image skip to "
+                         f"leave {'it' if len(bad) == 1 else 'them'} out{listed}.")
 
 
 def cache_dir() -> Path:

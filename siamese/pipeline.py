@@ -113,7 +113,7 @@ def _batch_loader(
     """
     spec = (image_size, image_size, 3)
     if cache == "none":
-        paths = np.array([str(p) for p in catalog.paths], dtype=object)
+        paths = np.array([str(p.absolute()) for p in catalog.paths], dtype=object)
         workers = workers or usable_cpus()
         if workers == 1:
             return lambda indices: decode_images(list(paths[indices]), image_size)
