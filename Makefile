@@ -11,6 +11,13 @@ DATA ?= $(HOME)
 DOCKER ?= docker
 IMAGE ?= siamese
 PORT ?= 8888
+# BASE_IMAGE: build on another base than the official tensorflow/tensorflow:2.21.0(-gpu) (see docker/).
+BASE_IMAGE ?=
+# GPUS: what the GPU targets give docker (GPUS= runs the GPU image on the CPU). DOCKER_TTY: -it at a terminal,
+# nothing elsewhere (CI, tests). COMMAND: what bash-cpu / bash-gpu run (default an interactive shell).
+GPUS ?= --gpus all
+DOCKER_TTY ?= $(shell [ -t 0 ] && [ -t 1 ] && echo -it)
+COMMAND ?= bash
 # Jupyter always asks for a token: yours, or a fresh random one printed with the address. It reaches docker
 # and Jupyter through the environment, never a command line (where `ps` would show it and a space would split it).
 ifeq ($(strip $(JUPYTER_TOKEN)),)
@@ -19,17 +26,18 @@ endif
 export JUPYTER_TOKEN
 # Run as you, so files written under /app and /data are yours; Keras's weights cache and siamese's cache
 # are your own, mounted.
-DOCKER_RUN = $(DOCKER) run --rm -it --user $$(id -u):$$(id -g) -e HOME=/tmp \
+DOCKER_RUN = $(DOCKER) run --rm $(DOCKER_TTY) --user $$(id -u):$$(id -g) -e HOME=/tmp \
 	-v "$(CURDIR)":/app -v "$(abspath $(DATA))":/data \
 	-v "$(HOME)/.keras":/tmp/.keras -v "$(HOME)/.cache/siamese":/tmp/.cache/siamese -w /app
 
-.PHONY: help install demo test lint bench bench-train bench-open-set docker-build docker-build-cpu docker-build-gpu notebook \
+.PHONY: help install demo test test-docker lint bench bench-train bench-open-set docker-build docker-build-cpu docker-build-gpu notebook \
 	notebook-local bash-cpu bash-gpu
 
 help:
 	@echo "make demo      the whole job on real data with no download, into demo/ (under 15 minutes on 2 cores)"
 	@echo "make install   virtualenv in $(VENV) with requirements.txt and the siamese package"
 	@echo "make test      the test suite (what CI runs)"
+	@echo "make test-docker  build both images on a local Debian base and run the docker targets (needs dockerd)"
 	@echo "make lint      ruff"
 	@echo "make bench     input pipeline, index and embedding benchmarks (figures in README.md; about 6 minutes)"
 	@echo "make bench-train  train small_cnn on Fashion-MNIST, closed-set precision@1 and speed (about 15 minutes)"
@@ -54,6 +62,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Needs a docker engine (.ci/run starts one); builds both images on docker/make-test-base.sh's local base.
+test-docker: $(STAMP)
+	$(BIN)/python -m pytest -m docker tests/test_docker_engine.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
@@ -75,21 +87,28 @@ notebook-local: $(STAMP)
 docker-build: docker-build-gpu docker-build-cpu
 
 docker-build-gpu:
-	$(DOCKER) build -f docker/Dockerfile.gpu -t $(IMAGE):gpu .
+	$(DOCKER) build -f docker/Dockerfile.gpu -t $(IMAGE):gpu$(if $(BASE_IMAGE), --build-arg BASE_IMAGE=$(BASE_IMAGE)) .
 
 docker-build-cpu:
-	$(DOCKER) build -f docker/Dockerfile.cpu -t $(IMAGE):cpu .
+	$(DOCKER) build -f docker/Dockerfile.cpu -t $(IMAGE):cpu$(if $(BASE_IMAGE), --build-arg BASE_IMAGE=$(BASE_IMAGE)) .
+
+# One line, not docker's stack trace, where `--gpus all` cannot work (no NVIDIA runtime); skipped with GPUS=.
+REQUIRE_GPU = @if [ -n "$(strip $(GPUS))" ] && ! $(DOCKER) run --rm $(GPUS) $(IMAGE):gpu true >/dev/null 2>&1; then \
+	echo "make $@: docker cannot give a container a GPU here (no NVIDIA runtime: docker run $(GPUS) fails). Fix: install the NVIDIA Container Toolkit, or use make bash-cpu, or GPUS= make $@ to run the GPU image on the CPU." >&2; \
+	exit 2; fi
 
 notebook: docker-build-gpu
+	$(REQUIRE_GPU)
 	@mkdir -p "$(HOME)/.keras" "$(HOME)/.cache/siamese"
 	@printf 'Jupyter: http://127.0.0.1:%s/lab?token=%s\n' "$(PORT)" "$$JUPYTER_TOKEN"
-	$(DOCKER_RUN) --gpus all -p 127.0.0.1:$(PORT):8888 -e JUPYTER_TOKEN $(IMAGE):gpu \
+	$(DOCKER_RUN) $(GPUS) -p 127.0.0.1:$(PORT):8888 -e JUPYTER_TOKEN $(IMAGE):gpu \
 		jupyter lab --ip=0.0.0.0 --port=8888 --no-browser --notebook-dir=/app
 
 bash-gpu: docker-build-gpu
+	$(REQUIRE_GPU)
 	@mkdir -p "$(HOME)/.keras" "$(HOME)/.cache/siamese"
-	$(DOCKER_RUN) --gpus all $(IMAGE):gpu bash
+	$(DOCKER_RUN) $(GPUS) $(IMAGE):gpu $(COMMAND)
 
 bash-cpu: docker-build-cpu
 	@mkdir -p "$(HOME)/.keras" "$(HOME)/.cache/siamese"
-	$(DOCKER_RUN) $(IMAGE):cpu bash
+	$(DOCKER_RUN) $(IMAGE):cpu $(COMMAND)
