@@ -1,4 +1,5 @@
-"""The docker images and the Makefile targets that run them (no docker engine here: `make -n` and hadolint)."""
+"""The Makefile's docker targets as `make -n` prints them, and hadolint on the Dockerfiles (no engine needed; the
+images are built and run against a real engine in test_docker_engine.py, `make test-docker`)."""
 
 from __future__ import annotations
 
