@@ -23,7 +23,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
-from siamese.errors import SiameseError, plural
+from siamese.errors import SiameseError
+from siamese.util import plural
 
 MAX_CATALOG_BYTES = 1 << 30
 """Largest labeled-data file we read (1 GiB): bigger is almost surely the wrong file."""

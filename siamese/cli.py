@@ -15,7 +15,8 @@ from pathlib import Path
 
 from siamese import __version__
 from siamese.config import BACKBONES, CACHES, INDEX_BACKENDS, LOSSES, PRETRAINED_BACKBONE, TrainConfig
-from siamese.errors import SiameseError, os_error_message, plural
+from siamese.errors import SiameseError, os_error_message
+from siamese.util import plural
 
 NO_PROGRESS = "hide progress bars (hidden anyway when the output is not a terminal)"
 
@@ -381,7 +382,8 @@ def _train(args: argparse.Namespace) -> int:
     fields = set(TrainConfig.__dataclass_fields__)
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     config.resolved()  # settings errors before TensorFlow loads
-    from siamese.train import sidecar, train
+    from siamese.checkpoint import sidecar
+    from siamese.train import train
 
     result = train(config, verbose=2 if args.no_progress else "auto")
     value = "n/a" if result.best is None else f"{result.best:.4f}"

@@ -22,7 +22,7 @@ from PIL import Image
 from siamese import atomic
 from siamese.errors import SiameseError
 from siamese.glyphs import make_glyphs
-from siamese.images import parallel_map
+from siamese.util import parallel_map
 
 Source = Literal["fashion-mnist", "digits", "glyphs"]
 SOURCES = ("fashion-mnist", "digits", "glyphs")

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from siamese import atomic
-from siamese.errors import SiameseError, plural
+from siamese.errors import SiameseError
+from siamese.util import plural
 
 
 @dataclass

@@ -17,13 +17,15 @@ import keras
 import numpy as np
 
 from siamese.catalog import Catalog
+from siamese.checkpoint import sidecar
 from siamese.config import PRETRAINED_BACKBONE
-from siamese.errors import SiameseError, plural
+from siamese.errors import SiameseError
 from siamese.evaluate import Evaluation, evaluate_embeddings
 from siamese.images import ImageDecodeError, ImageSource, decode_image
 from siamese.index import Index
 from siamese.models import build_embedding, load_embedding, model_fingerprint
 from siamese.pipeline import Cache, decoded_images, image_dataset
+from siamese.util import plural
 
 RAW_PIXELS = "raw pixels"
 """The source name of the baseline with no learning: each image's pixels at the model's input size, flattened
@@ -70,8 +72,6 @@ def load_embedder(
 def untrained_like(keras_model: str | os.PathLike) -> tuple[keras.Model, ModelInfo]:
     """The network `keras_model` started from before training: rebuilt from the settings `train` wrote beside
     it (backbone, size, weights, seed), or, without them, the same architecture with fresh random weights."""
-    from siamese.train import sidecar
-
     settings_path = sidecar(keras_model, "config")
     if settings_path.is_file():
         settings = json.loads(settings_path.read_text())

@@ -9,11 +9,6 @@ class SiameseError(ValueError):
     """A problem with the user's input, settings or files; the message names the file and the fix."""
 
 
-def plural(n: int, noun: str) -> str:
-    """`plural(1, "image")` is "1 image", `plural(3, "image")` is "3 images" (for messages)."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
-
-
 _OS_FIXES = {
     errno.ENOSPC: "the disk is full. Fix: free some space there, or write to another disk",
     errno.EDQUOT: "the disk quota is used up. Fix: free some space there, or write to another disk",

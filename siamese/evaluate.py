@@ -10,8 +10,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from siamese.catalog import Catalog
-from siamese.errors import SiameseError, plural
+from siamese.errors import SiameseError
 from siamese.pairs import PairSampler
+from siamese.util import plural
 
 
 def nearest(queries: np.ndarray, gallery: np.ndarray, exclude_self: bool = False, chunk: int = 2048) -> np.ndarray:

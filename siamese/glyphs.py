@@ -27,8 +27,8 @@ from fontTools.ttLib import TTCollection, TTFont
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from siamese import atomic
-from siamese.errors import SiameseError, plural
-from siamese.images import parallel_map
+from siamese.errors import SiameseError
+from siamese.util import parallel_map, plural
 
 SCRIPTS: dict[str, tuple[tuple[int, int], ...]] = {
     # script: its Unicode blocks (first, last codepoint); only their letters are drawn (see `is_letter`).

@@ -24,8 +24,7 @@ import os
 import stat
 import threading
 import warnings
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing import connection, parent_process
 from pathlib import Path
@@ -37,7 +36,8 @@ from PIL import Image, ImageOps
 
 from siamese import atomic
 from siamese.catalog import Catalog
-from siamese.errors import SiameseError, plural
+from siamese.errors import SiameseError
+from siamese.util import cache_dir, parallel_map, plural
 
 WHITE = (255, 255, 255)
 MAX_ASPECT_RATIO = 100  # the long side may be at most this many times the short side
@@ -247,13 +247,6 @@ class BadImagesError(SiameseError):
                          f"leave {'it' if len(bad) == 1 else 'them'} out{listed}.")
 
 
-def cache_dir() -> Path:
-    """Where siamese keeps caches: $SIAMESE_CACHE_DIR, else $XDG_CACHE_HOME/siamese, else ~/.cache/siamese."""
-    if os.environ.get("SIAMESE_CACHE_DIR"):
-        return Path(os.environ["SIAMESE_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "siamese"
-
-
 def file_stamp(path: Path) -> list[int]:
     """What tells a file changed without reading it: [size, mtime in ns, inode]. Raises `ImageDecodeError`
     when it cannot be read or is not a regular file."""
@@ -346,20 +339,3 @@ def check_images(
         stacklevel=2,
     )
     return catalog.without_images({b.filename for b in bad})
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (respects `taskset` and container CPU sets, unlike os.cpu_count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def parallel_map(
-    fn: Callable, args: list, *, workers: int | None = None, progress: bool = True, desc: str = ""
-) -> Iterator:
-    """Yield `fn(a)` for each of `args` in order, computed on threads (Pillow releases the GIL while
-    decoding), with a progress bar. `workers` defaults to `usable_cpus()`."""
-    from tqdm.auto import tqdm
-
-    with ThreadPoolExecutor(max_workers=workers or usable_cpus()) as pool:
-        yield from tqdm(pool.map(fn, args), total=len(args), desc=desc, unit="img", disable=not progress,
-                        leave=False)

@@ -27,7 +27,6 @@ Folders written before the approximate backends (format version 1) still load.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import mmap
@@ -45,8 +44,8 @@ import numpy as np
 from siamese import __version__, atomic
 from siamese.catalog import Catalog, Item
 from siamese.config import INDEX_BACKENDS
-from siamese.errors import SiameseError, plural
-from siamese.images import usable_cpus
+from siamese.errors import SiameseError
+from siamese.util import plural, usable_cpus, utc_now
 
 BACKENDS = INDEX_BACKENDS
 FORMAT = "siamese-index"
@@ -699,7 +698,7 @@ class Index:
                 "embedder": self.embedder,
                 "source": self.source,
                 "part": self.part,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "created": utc_now(),
                 "siamese": __version__,
             }
             atomic.write_json(new / "index.json", settings)

@@ -24,17 +24,9 @@ from siamese import atomic
 from siamese.catalog import Catalog
 from siamese.config import CACHES
 from siamese.errors import SiameseError
-from siamese.images import (
-    cache_dir,
-    decode_image,
-    decode_images,
-    exit_with_parent,
-    file_stamp,
-    naming,
-    parallel_map,
-    usable_cpus,
-)
+from siamese.images import decode_image, decode_images, exit_with_parent, file_stamp, naming
 from siamese.pairs import PairSampler
+from siamese.util import cache_dir, parallel_map, usable_cpus
 
 Cache = Literal["none", "memory", "disk"]
 _DECODER_VERSION = 2  # bump when decode_image changes its output, to invalidate on-disk caches (2: resize, then pad)

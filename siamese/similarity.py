@@ -6,7 +6,6 @@ the others most similar first; similarity is the cosine of the two embeddings ro
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import warnings
@@ -20,8 +19,9 @@ import numpy as np
 
 from siamese import atomic
 from siamese.embed import check_finite
-from siamese.errors import SiameseError, plural
-from siamese.images import ImageDecodeError, decode_image, parallel_map
+from siamese.errors import SiameseError
+from siamese.images import ImageDecodeError, decode_image
+from siamese.util import parallel_map, plural, utc_now
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 RUN_FILE = ".siamese.json"
@@ -163,6 +163,6 @@ def folder_similarity(
                "written": len(result.written),
                "files": {name: paths[i].name for name, i in zip(kept_names, kept, strict=True)},
                "skipped": [{"file": f, "reason": r} for f, r in result.skipped],
-               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+               "finished": utc_now()}
         atomic.write_json(new / RUN_FILE, run)
     return result

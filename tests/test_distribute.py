@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from siamese.train import sidecar
+from siamese.checkpoint import sidecar
 
 ROOT = Path(__file__).resolve().parents[1]
 

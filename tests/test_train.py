@@ -17,13 +17,14 @@ import pytest
 from conftest import write_catalog, write_image
 
 from siamese.catalog import load_catalog
+from siamese.checkpoint import sidecar
 from siamese.config import TrainConfig
 from siamese.errors import SiameseError
 from siamese.evaluate import precision_at_1
 from siamese.images import BadImagesError
 from siamese.models import build_embedding
 from siamese.pipeline import decoded_images
-from siamese.train import sidecar, train
+from siamese.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"image_size": 16, "batch_size": 32, "pairs_per_epoch": 512, "val_pairs": 128, "embedding_dim": 16}
@@ -269,7 +270,7 @@ def test_an_epoch_must_be_no_worse_on_every_held_out_figure_to_replace_the_start
     """Better MAP@R but a worse precision@1 than the untrained network does not replace it; no worse on both does."""
     from types import SimpleNamespace
 
-    from siamese.train import BestCheckpoint
+    from siamese.checkpoint import BestCheckpoint
 
     metrics = SimpleNamespace(initial={"val_precision_at_1": 0.80, "val_map_at_r": 0.30})
     embedding = build_embedding("small_cnn", 16, 4)
