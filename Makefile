@@ -30,13 +30,14 @@ DOCKER_RUN = $(DOCKER) run --rm $(DOCKER_TTY) --user $$(id -u):$$(id -g) -e HOME
 	-v "$(CURDIR)":/app -v "$(abspath $(DATA))":/data \
 	-v "$(HOME)/.keras":/tmp/.keras -v "$(HOME)/.cache/siamese":/tmp/.cache/siamese -w /app
 
-.PHONY: help install demo test test-docker lint bench bench-train bench-open-set docker-build docker-build-cpu docker-build-gpu notebook \
+.PHONY: help install demo test test-fast test-docker lint bench bench-train bench-open-set docker-build docker-build-cpu docker-build-gpu notebook \
 	notebook-local bash-cpu bash-gpu
 
 help:
 	@echo "make demo      the whole job on real data with no download, into demo/ (under 15 minutes on 2 cores)"
 	@echo "make install   virtualenv in $(VENV) with requirements.txt and the siamese package"
 	@echo "make test      the test suite (what CI runs)"
+	@echo "make test-fast the tests that do not train or run end to end (a quick loop; make test runs all)"
 	@echo "make test-docker  build both images on a local Debian base and run the docker targets (needs dockerd)"
 	@echo "make lint      ruff"
 	@echo "make bench     input pipeline, index and embedding benchmarks (figures in README.md; about 6 minutes)"
@@ -61,6 +62,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The quick loop: everything but the tests that train or run end to end (marked slow).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not docker"
 
 # Needs a docker engine (.ci/run starts one); builds both images on docker/make-test-base.sh's local base.
 test-docker: $(STAMP)

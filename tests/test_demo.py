@@ -10,6 +10,8 @@ from PIL import Image
 from siamese.errors import SiameseError
 from siamese.index import Index
 
+pytestmark = pytest.mark.slow  # trains or runs end to end: make test runs it, make test-fast not
+
 
 def test_demo_runs_every_step_and_says_where_everything_went(tmp_path, run_cli):
     out = tmp_path / "demo"

@@ -15,6 +15,8 @@ import pytest
 
 from siamese.checkpoint import sidecar
 
+pytestmark = pytest.mark.slow  # trains or runs end to end: make test runs it, make test-fast not
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

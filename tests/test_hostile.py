@@ -419,6 +419,7 @@ def test_a_crash_at_each_rename_of_index_leaves_the_previous_index_whole(job, mo
     assert not [p for p in job.iterdir() if p.name.startswith(".")], "nothing partial is left"
 
 
+@pytest.mark.slow
 def test_a_killed_index_leaves_the_previous_index_whole_and_the_next_run_cleans_up(job):
     make = [sys.executable, str(ROOT / "utilities.py"), "make-dataset", "--source", "digits", "--out", "digits",
             "--no-progress"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import h5py
 import nbformat
 import papermill
+import pytest
 
 from siamese.embed import load_embedder
 from siamese.index import Index
@@ -22,6 +23,7 @@ def test_notebook_is_committed_without_outputs():
     assert "parameters" in code[0]["metadata"]["tags"]
 
 
+@pytest.mark.slow
 def test_notebook_runs_on_digits(digits, tmp_path):
     out = tmp_path / "executed.ipynb"
     checkpoint, export_dir, index_dir = tmp_path / "nb.hdf5", tmp_path / "savedmodel", tmp_path / "index"

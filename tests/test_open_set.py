@@ -13,6 +13,8 @@ from siamese.embed import RAW_PIXELS, evaluate_models
 from siamese.glyphs import find_fonts, make_glyphs
 from siamese.train import train
 
+pytestmark = pytest.mark.slow  # trains or runs end to end: make test runs it, make test-fast not
+
 
 @pytest.fixture(scope="module")
 def glyphs(tmp_path_factory) -> Path:

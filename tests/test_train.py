@@ -26,6 +26,8 @@ from siamese.models import build_embedding
 from siamese.pipeline import decoded_images
 from siamese.train import train
 
+pytestmark = pytest.mark.slow  # trains or runs end to end: make test runs it, make test-fast not
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"image_size": 16, "batch_size": 32, "pairs_per_epoch": 512, "val_pairs": 128, "embedding_dim": 16}
 
