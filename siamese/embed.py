@@ -25,7 +25,7 @@ from siamese.images import ImageDecodeError, ImageSource, decode_image
 from siamese.index import Index
 from siamese.models import build_embedding, load_embedding, model_fingerprint
 from siamese.pipeline import Cache, decoded_images, image_dataset
-from siamese.util import plural
+from siamese.util import parallel_map, plural
 
 RAW_PIXELS = "raw pixels"
 """The source name of the baseline with no learning: each image's pixels at the model's input size, flattened
@@ -174,20 +174,52 @@ def format_evaluations(results: list[tuple[ModelInfo, Evaluation]], catalog: Cat
     return "\n".join(lines)
 
 
-def embed_images(model: keras.Model, sources: Sequence[ImageSource], batch_size: int = 64) -> np.ndarray:
-    """Embeddings `(len(sources), dim)` float32 of image files or encoded bytes (decoded by `decode_image`)."""
+def embed_sources(
+    model: keras.Model, sources: Sequence[ImageSource], batch_size: int = 64, *, skip_bad: bool = False,
+    progress: bool = False,
+) -> tuple[list[int], list[tuple[int, str]], np.ndarray]:
+    """Embed image files or encoded bytes, decoded by `decode_image` on threads and embedded `batch_size`
+    (default 64) at a time, so a large folder never sits in memory; with a progress bar if `progress`.
+
+    Returns `(kept, skipped, embeddings)`: the indices of the sources embedded, `(index, reason)` of those that
+    cannot be decoded, and float32 `(len(kept), dim)`. Without `skip_bad` (default) the first source that cannot
+    be decoded raises `ImageDecodeError` naming it instead.
+    """
     size = int(model.input_shape[1])
-    out = [np.empty((0, int(model.output_shape[-1])), np.float32)]
-    for start in range(0, len(sources), batch_size):
-        pixels = []
-        for n, source in enumerate(sources[start : start + batch_size], start):
-            try:
-                pixels.append(decode_image(source, size))
-            except ImageDecodeError as e:
-                name = source if isinstance(source, str | os.PathLike) else f"image {n} (bytes)"
-                raise ImageDecodeError(f"{name}: {e}. Fix: pass a readable image file") from None
-        out.append(np.asarray(model.predict_on_batch(np.stack(pixels)), np.float32))
-    return np.concatenate(out)
+
+    def decode(source: ImageSource) -> np.ndarray | str:
+        try:
+            return decode_image(source, size)
+        except ImageDecodeError as e:
+            return str(e)
+
+    kept, skipped, pending = [], [], []
+    vectors = [np.empty((0, int(model.output_shape[-1])), np.float32)]
+
+    def flush() -> None:
+        if pending:
+            vectors.append(np.asarray(model.predict_on_batch(np.stack(pending)), np.float32))
+            pending.clear()
+
+    for n, decoded in enumerate(parallel_map(decode, list(sources), progress=progress, desc="embedding images")):
+        if isinstance(decoded, str):
+            if not skip_bad:
+                name = sources[n] if isinstance(sources[n], str | os.PathLike) else f"image {n} (bytes)"
+                raise ImageDecodeError(f"{name}: {decoded}. Fix: pass a readable image file")
+            skipped.append((n, decoded))
+            continue
+        kept.append(n)
+        pending.append(decoded)
+        if len(pending) == batch_size:
+            flush()
+    flush()
+    return kept, skipped, np.concatenate(vectors)
+
+
+def embed_images(model: keras.Model, sources: Sequence[ImageSource], batch_size: int = 64) -> np.ndarray:
+    """Embeddings `(len(sources), dim)` float32 of image files or encoded bytes (see `embed_sources`); one that
+    cannot be decoded raises `ImageDecodeError` naming it."""
+    return embed_sources(model, sources, batch_size)[2]
 
 
 def shard_catalog(catalog: Catalog, shard: int, shards: int, batch_size: int = 64) -> tuple[Catalog, dict]:

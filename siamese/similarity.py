@@ -18,10 +18,9 @@ import keras
 import numpy as np
 
 from siamese import atomic
-from siamese.embed import check_finite
+from siamese.embed import check_finite, embed_sources
 from siamese.errors import SiameseError
-from siamese.images import ImageDecodeError, decode_image
-from siamese.util import parallel_map, plural, utc_now
+from siamese.util import plural, utc_now
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 RUN_FILE = ".siamese.json"
@@ -82,35 +81,6 @@ class SimilarityResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _embed_files(model: keras.Model, paths: list[Path], batch_size: int, progress: bool):
-    """Embed files that decode, in chunks so a large folder never sits in memory; returns (kept, embeddings)."""
-    size = int(model.input_shape[1])
-
-    def decode(path: Path):
-        try:
-            return decode_image(path, size)
-        except ImageDecodeError as e:
-            return str(e)
-
-    kept, skipped, vectors, pending = [], [], [], []
-
-    def flush():
-        if pending:
-            vectors.append(np.asarray(model.predict_on_batch(np.stack(pending)), np.float32))
-            pending.clear()
-
-    for index, decoded in enumerate(parallel_map(decode, paths, progress=progress, desc="embedding images")):
-        if isinstance(decoded, str):
-            skipped.append((paths[index].name, decoded))
-            continue
-        kept.append(index)
-        pending.append(decoded)
-        if len(pending) == batch_size:
-            flush()
-    flush()
-    return kept, skipped, (np.concatenate(vectors) if vectors else np.empty((0, 0), np.float32))
-
-
 def folder_similarity(
     model: keras.Model,
     image_dir: str | os.PathLike,
@@ -139,7 +109,8 @@ def folder_similarity(
     names = output_names(paths)
     result = SimilarityResult(Path(out))
     with claim_output(out), atomic.replace_folder(out) as new:
-        kept, result.skipped, embeddings = _embed_files(model, paths, batch_size, progress)
+        kept, skipped, embeddings = embed_sources(model, paths, batch_size, skip_bad=True, progress=progress)
+        result.skipped = [(paths[n].name, reason) for n, reason in skipped]
         if result.skipped:
             first = f"{result.skipped[0][0]}: {result.skipped[0][1]}"
             warnings.warn(f"Skipping {plural(len(result.skipped), 'image')} that cannot be decoded (first: {first}).",
