@@ -50,23 +50,70 @@ def describe(model: keras.Model, source: str) -> ModelInfo:
     return ModelInfo(source, model_fingerprint(model), int(model.input_shape[1]), int(model.output_shape[-1]))
 
 
+@dataclass(frozen=True)
+class Embedder:
+    """An embedding network, what it computes (`info`), and how to load it again (`recipe`: the keyword arguments
+    of `Embedder.load`), which an index stores so that queries are embedded by the model that built it."""
+
+    model: keras.Model
+    info: ModelInfo
+    recipe: dict
+
+    @classmethod
+    def load(
+        cls,
+        keras_model: str | os.PathLike | None = None,
+        backbone: str = PRETRAINED_BACKBONE,
+        weights: str | None = "imagenet",
+        image_size: int | None = None,
+    ) -> Embedder:
+        """The embedding network of `keras_model` (a checkpoint written by `train`), or without one a pretrained
+        `backbone` (default inception_v3) with `weights` (default imagenet; none or a file) whose L2-normalised
+        pooled features are the embedding. `image_size` applies to the backbone only (default: its own). Random
+        weights (`weights` none) are drawn from seed 0, so the same arguments give the same model."""
+        if keras_model is not None:
+            model = load_embedding(keras_model)
+            source = str(Path(keras_model).resolve())
+            return cls(model, describe(model, source), {"keras_model": source})
+        if weights in (None, "none"):
+            keras.utils.set_random_seed(0)
+        model = build_embedding(backbone, image_size, None, weights)
+        weights = "none" if weights is None else weights
+        recipe = {"backbone": backbone, "image_size": image_size,
+                  "weights": weights if weights in ("imagenet", "none") else str(Path(weights).resolve())}
+        return cls(model, describe(model, f"pretrained {backbone} (weights {weights})"), recipe)
+
+    @classmethod
+    def of_index(cls, index: Index, keras_model: str | os.PathLike | None = None) -> Embedder:
+        """The model that built `index`: `keras_model` when given, else the one its recipe names; refused, with
+        the fix, when it is not the model the index records."""
+        if keras_model is None and not index.embedder:
+            raise SiameseError("This index does not record its model. Fix: pass the model (--keras-model).")
+        embedder = cls.load(keras_model) if keras_model is not None else cls.load(**index.embedder)
+        want = index.model.get("fingerprint")
+        if embedder.info.embedding_dim != index.dim or (want and embedder.info.fingerprint != want):
+            raise SiameseError(
+                f"The index was built by a different model ({index.model.get('source', 'unknown')}, "
+                f"{index.dim}-d, fingerprint {str(want)[:12]}). Received: {embedder.info.source}, "
+                f"{embedder.info.embedding_dim}-d, fingerprint {embedder.info.fingerprint[:12]}. Fix: query with "
+                "the model that built the index, or rebuild the index with this one."
+            )
+        return embedder
+
+    def embed(self, sources: Sequence[ImageSource], batch_size: int = 64) -> np.ndarray:
+        """Embeddings `(len(sources), dim)` of image files or encoded bytes (see `embed_images`)."""
+        return embed_images(self.model, sources, batch_size)
+
+
 def load_embedder(
     keras_model: str | os.PathLike | None = None,
     backbone: str = PRETRAINED_BACKBONE,
     weights: str | None = "imagenet",
     image_size: int | None = None,
 ) -> tuple[keras.Model, ModelInfo]:
-    """The embedding network of `keras_model` (a checkpoint written by `train`), or without one a pretrained
-    `backbone` (default inception_v3) with `weights` (default imagenet; none or a file) whose L2-normalised
-    pooled features are the embedding. `image_size` applies to the backbone only (default: its own).
-    Random weights (`weights` none) are drawn from seed 0, so the same arguments give the same model."""
-    if keras_model is not None:
-        model = load_embedding(keras_model)
-        return model, describe(model, str(Path(keras_model).resolve()))
-    if weights in (None, "none"):
-        keras.utils.set_random_seed(0)
-    model = build_embedding(backbone, image_size, None, weights)
-    return model, describe(model, f"pretrained {backbone} (weights {weights or 'none'})")
+    """`(model, info)` of `Embedder.load` with the same arguments."""
+    embedder = Embedder.load(keras_model, backbone, weights, image_size)
+    return embedder.model, embedder.info
 
 
 def untrained_like(keras_model: str | os.PathLike) -> tuple[keras.Model, ModelInfo]:
@@ -125,13 +172,13 @@ def evaluate_models(
     progress: bool = True,
 ) -> list[tuple[ModelInfo, Evaluation]]:
     """Leave-one-out retrieval among `catalog`'s items for a model and its baselines: `(ModelInfo, Evaluation)`
-    for the model (`load_embedder`'s arguments), then with `baseline` (default) and a `keras_model` the
+    for the model (`Embedder.load`'s arguments), then with `baseline` (default) and a `keras_model` the
     network it started from (`untrained_like`), then with `pixels` (default) raw pixels at the model's size.
 
     What `evaluate` prints; evaluate on items the model never saw in training to judge how it generalises.
     """
-    model, info = load_embedder(keras_model, backbone, weights, image_size)
-    models = [(model, info)]
+    embedder = Embedder.load(keras_model, backbone, weights, image_size)
+    models = [(embedder.model, embedder.info)]
     if keras_model is not None and baseline:
         try:
             models.append(untrained_like(keras_model))
