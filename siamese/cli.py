@@ -383,7 +383,7 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     config.resolved()  # settings errors before TensorFlow loads
     from siamese.checkpoint import sidecar
-    from siamese.train import train
+    from siamese.training import train
 
     result = train(config, verbose=2 if args.no_progress else "auto")
     value = "n/a" if result.best is None else f"{result.best:.4f}"

@@ -85,7 +85,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
     from siamese.models import load_embedding
     from siamese.plots import show_neighbours
     from siamese.similarity import folder_similarity
-    from siamese.train import train
+    from siamese.training import train
 
     started = time.perf_counter()
     out = Path(config.out)

@@ -603,10 +603,10 @@ OUTPUTS = {
 def test_a_read_only_disk_is_one_line_before_any_long_work(job, disk, hostile, command, monkeypatch):
     path, _, read_only = disk
     read_only()
-    from siamese import embed, train
+    from siamese import embed, training
 
     monkeypatch.setattr(embed, "embed_catalog", lambda *a, **k: pytest.fail("embedded before checking the output"))
-    monkeypatch.setattr(train, "_train", lambda *a, **k: pytest.fail("trained before checking the output"))
+    monkeypatch.setattr(training, "_train", lambda *a, **k: pytest.fail("trained before checking the output"))
     hostile(*OUTPUTS[command](path), expect=(r"read-only\. Fix: write to a folder on a writable disk",))
 
 

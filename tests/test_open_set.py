@@ -11,7 +11,7 @@ from siamese.catalog import load_catalog
 from siamese.config import TrainConfig
 from siamese.embed import RAW_PIXELS, evaluate_models
 from siamese.glyphs import find_fonts, make_glyphs
-from siamese.train import train
+from siamese.training import train
 
 pytestmark = pytest.mark.slow  # trains or runs end to end: make test runs it, make test-fast not
 

@@ -24,7 +24,7 @@ from siamese.evaluate import precision_at_1
 from siamese.images import BadImagesError
 from siamese.models import build_embedding
 from siamese.pipeline import decoded_images
-from siamese.train import train
+from siamese.training import train
 
 pytestmark = pytest.mark.slow  # trains or runs end to end: make test runs it, make test-fast not
 
