@@ -40,7 +40,7 @@ help:
 	@echo "make test-fast the tests that do not train or run end to end (a quick loop; make test runs all)"
 	@echo "make test-docker  build both images on a local Debian base and run the docker targets (needs dockerd)"
 	@echo "make lint      ruff"
-	@echo "make bench     input pipeline, index and embedding benchmarks (figures in README.md; about 6 minutes)"
+	@echo "make bench     input pipeline, index and embedding benchmarks (figures in docs/benchmarks.md; about 6 minutes)"
 	@echo "make bench-train  train small_cnn on Fashion-MNIST, closed-set precision@1 and speed (about 15 minutes)"
 	@echo "make bench-open-set  train with the defaults, search items training never saw (about 10 minutes)"
 	@echo "make notebook-local  Jupyter from the virtualenv"

@@ -4,7 +4,7 @@
 the PNG files by worker processes, then the model); "on tensors" is `model.predict` on the same images
 already decoded in memory. Target: files >= 0.8x tensors. Two models: small_cnn at 28 px (the
 Fashion-MNIST benchmark's) and mobilenet_v2 at 224 px (a pretrained backbone's size; random weights,
-which cost the same). Images: Fashion-MNIST test PNGs written by make-dataset. Figures go in README.md.
+which cost the same). Images: Fashion-MNIST test PNGs written by make-dataset. Figures go in docs/benchmarks.md.
 
     .venv/bin/python benchmarks/embed.py [--images 4000]
 """

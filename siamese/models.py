@@ -26,7 +26,7 @@ def _small_cnn(inputs, filters=(32, 64, 128)):
     The backbone for training from scratch on a CPU; use a pretrained backbone for photos on a GPU. On
     Fashion-MNIST (28 px, 2 cores) these widths reach in 2 epochs the precision@1 that half of them reach in
     8, at about twice the time per image; flattening keeps where features are (the images of a catalog are
-    framed alike) and beat global average pooling by 0.3 points at 1.2x the time (see README.md, Benchmarks).
+    framed alike) and beat global average pooling by 0.3 points at 1.2x the time (see docs/benchmarks.md).
     """
     x = inputs
     for n, f in enumerate(filters):

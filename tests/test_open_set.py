@@ -1,5 +1,5 @@
 """Open set: a short run on glyphs of some scripts searches letters of a script it never saw better than the
-network it started from and than raw pixels. The full figures are benchmarks/open_set.py's (README.md)."""
+network it started from and than raw pixels. The full figures are benchmarks/open_set.py's (docs/benchmarks.md)."""
 
 from __future__ import annotations
 

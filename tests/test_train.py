@@ -40,7 +40,7 @@ def digits_config(digits, out, **kwargs) -> TrainConfig:
 def test_training_lowers_the_loss_and_beats_the_untrained_model_on_held_out_images(digits, tmp_path):
     # Validation on digits' test split: images the training never saw, of the ten classes. (On held-out
     # *classes* random convolutions already separate digits, and five training classes do not beat them:
-    # see the note in README.md.)
+    # see the note in docs/benchmarks.md.)
     config = digits_config(digits, tmp_path / "digits.keras", epochs=3, pairs_per_epoch=4096,
                            val_labeled_data=str(digits / "test.json"))
     result = train(config, verbose=0)
