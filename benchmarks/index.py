@@ -116,11 +116,11 @@ def build(engine: str, args: argparse.Namespace, rows: int, directory: str, scra
         name = f"FAISS flat {faiss.__version__}"
     else:
         meta = ([str(i) for i in range(rows)], [f"{i}.png" for i in range(rows)], [()] * rows)
-        index = Index(gallery, *meta, backend=engine)
+        index = Index(gallery, *meta, engine=engine)
         seconds = time.perf_counter() - start
         qps, found = time_queries(lambda q: index.kneighbors(q, args.k)[1], queries)
         index.save(directory)
-        knob = {"hnsw": "ef", "faiss": "nprobe"}.get(engine)
+        knob = index.search_engine.knob
         name = f"siamese {engine}" + (f" {knob}={index.params[knob]}" if knob in index.params else "")
         name += " (IVF)" if index.params.get("nlist") else " (flat)" if engine == "faiss" else ""
     files = [p for p in Path(directory).iterdir() if p.suffix in (".npy", ".hnsw", ".faiss")]

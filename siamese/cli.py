@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from siamese import __version__
-from siamese.config import BACKBONES, CACHES, INDEX_BACKENDS, LOSSES, PRETRAINED_BACKBONE, TrainConfig
+from siamese.config import BACKBONES, CACHES, LOSSES, PRETRAINED_BACKBONE, TrainConfig
 from siamese.errors import SiameseError, os_error_message
 from siamese.util import plural
 
@@ -53,30 +53,44 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_engine_args(p: argparse.ArgumentParser, inherit: bool = False) -> None:
-    """The search engine and its build settings; with `inherit` (merge-index) they default to the parts' own."""
+    """The search engine (`--index`, one of `siamese.search.ENGINES`) and the build settings every engine declares
+    (`Engine.settings`, one flag each); with `inherit` (merge-index) they default to the parts' own."""
+    from siamese.search import ENGINES
 
-    def add(flag: str, value, text: str, **kwargs) -> None:
-        note = "default: the parts'" if inherit else f"default {value}"
-        p.add_argument(flag, default=None if inherit else value, help=f"{text} ({note})", **kwargs)
-
-    add("--index", "balltree", "search engine: balltree (scikit-learn, the seed's) or brute (exact BLAS search, much "
-        "faster at 128-d); hnsw (hnswlib graph) or faiss (exact IndexFlatIP below 100,000 images, IVF above): "
-        "approximate, much faster on large catalogs", choices=INDEX_BACKENDS)
-    add("--leaf-size", 40, "balltree: leaf size", type=int)
-    add("--hnsw-m", 16, "hnsw: links per image in the graph; more: better recall, more memory", type=int, metavar="M")
-    add("--ef-construction", 200, "hnsw: candidates kept while linking; more: a better graph, slower to build",
-        type=int, metavar="N")
-    p.add_argument("--nlist", type=int, default=None, metavar="N",
-                   help="faiss: inverted lists of the IVF index; 0 keeps it exact (default: 0 below 100,000 images, "
-                   "4 sqrt(images) above)")
-    add("--target-recall", 0.99, "hnsw, faiss IVF: the recall@10 on held-out images that the default --ef "
-        "(--nprobe) of queries must reach, chosen at build time", type=float, metavar="R")
+    names = "; ".join(f"{name} ({engine.summary})" for name, engine in ENGINES.items())
+    p.add_argument("--index", default=None if inherit else next(iter(ENGINES)), choices=list(ENGINES),
+                   help=f"search engine: {names} (default: {'the parts' if inherit else next(iter(ENGINES))})")
+    added = set()
+    for engine in ENGINES.values():
+        for s in engine.settings:
+            if s.name in added:
+                continue
+            added.add(s.name)
+            inherited = inherit and s.default is not None  # a default of None is chosen at build time, not inherited
+            note = "default: the parts'" if inherited else s.default_text or f"default {s.default}"
+            p.add_argument(s.cli_flag, dest=f"engine_{s.name}", type=s.type, metavar=s.metavar or s.name.upper(),
+                           default=None if inherit else s.default, help=f"{s.help} ({note})")
 
 
 def _engine_settings(args: argparse.Namespace) -> dict:
-    """The keyword arguments of `Index` given on the command line by `_add_engine_args`."""
-    names = ("leaf_size", "hnsw_m", "ef_construction", "nlist", "target_recall")
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    """The engine settings given on the command line by `_add_engine_args`, by name (e.g. leaf_size)."""
+    return {k.removeprefix("engine_"): v for k, v in vars(args).items() if k.startswith("engine_") and v is not None}
+
+
+def _add_knob_args(p: argparse.ArgumentParser) -> None:
+    """The query-time setting of each approximate engine (`Engine.knob`, e.g. --ef), once each."""
+    from siamese.search import ENGINES
+
+    added = set()
+    for engine in ENGINES.values():
+        if engine.knob and engine.knob not in added:
+            added.add(engine.knob)
+            p.add_argument(f"--{engine.knob}", dest=f"knob_{engine.knob}", type=int, metavar="N", help=engine.knob_help)
+
+
+def _knobs(args: argparse.Namespace) -> dict:
+    """The query-time settings given by `_add_knob_args`, by name (e.g. ef)."""
+    return {k.removeprefix("knob_"): v for k, v in vars(args).items() if k.startswith("knob_") and v is not None}
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -254,12 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keras-model", metavar="M",
                    help="embed the queries with this model (default: the one the index records); it must be the "
                    "model that built the index")
-    p.add_argument("--ef", type=int, metavar="N",
-                   help="hnsw: candidates kept while searching; more: better recall, slower (default: the index's, "
-                   "chosen at build time for its --target-recall)")
-    p.add_argument("--nprobe", type=int, metavar="N",
-                   help="faiss IVF: lists searched per query, up to nlist; more: better recall, slower (default: the "
-                   "index's, chosen at build time for its --target-recall)")
+    _add_knob_args(p)
     p.set_defaults(run=_query)
 
     p = commands.add_parser(
@@ -426,6 +435,7 @@ def _index_claimed(args: argparse.Namespace) -> int:
     from siamese.catalog import load_catalog
     from siamese.embed import finished_part, index_catalog, shard_catalog
     from siamese.images import check_images
+    from siamese.search import ENGINES
 
     progress = not args.no_progress
     catalog, part = load_catalog(args.labeled_data, args.image_dir), None
@@ -444,8 +454,8 @@ def _index_claimed(args: argparse.Namespace) -> int:
     weights = args.weights if args.weights in ("imagenet", "none") else str(Path(args.weights).resolve())
     embedder = ({"keras_model": info.source} if args.keras_model else
                 {"backbone": args.backbone, "weights": weights, "image_size": args.image_size})
-    index = index_catalog(model, info, catalog, args.index, args.batch_size, embedder, args.labeled_data, progress,
-                          part, **_engine_settings(args))
+    engine = ENGINES[args.index].from_settings(_engine_settings(args))
+    index = index_catalog(model, info, catalog, engine, args.batch_size, embedder, args.labeled_data, progress, part)
     out = index.save(args.output)
     _print_index(index, f"{done}{plural(len(index), 'image')} of {plural(len(catalog), 'item')}", out)
     if part:
@@ -459,7 +469,7 @@ def _print_index(index, done: str, out: Path) -> None:
     """Print what an index holds, its engine, where it went and, for approximate engines, their recall."""
     print(f"{done} ({index.dim}-d, {index.engine}) embedded by {index.model.get('source')}: {out}")
     if index.recall:
-        knob = "--ef" if index.backend == "hnsw" else "--nprobe"
+        knob = f"--{index.search_engine.knob}"
         print(f"Recall@10 {index.recall_at_10:.4f} on {plural(index.recall['queries'], 'held-out image')} "
               f"(target {index.recall['target']}); query with {knob} N to trade speed for recall")
 
@@ -486,7 +496,7 @@ def _query(args: argparse.Namespace) -> int:
     index = Index.load(args.index)
     if args.keras_model:
         index.check_model(*load_embedder(args.keras_model))
-    results = index.query(args.images, args.k, args.by_item, ef=args.ef, nprobe=args.nprobe)
+    results = index.query(args.images, args.k, args.by_item, **_knobs(args))
     if args.json:
         print(json.dumps([{"query": q, "neighbours": [m.to_dict() for m in r]}
                           for q, r in zip(args.images, results, strict=True)], indent=2, ensure_ascii=False))

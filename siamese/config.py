@@ -17,9 +17,6 @@ CACHES = ("none", "memory", "disk")
 CHECKPOINT_SUFFIXES = (".keras", ".h5", ".hdf5")
 LOSSES = ("contrastive", "triplet", "supcon")
 """contrastive (the seed's), triplet, and supervised contrastive (supcon, batch-all only)."""
-INDEX_BACKENDS = ("balltree", "brute", "hnsw", "faiss")
-"""Search engines of `siamese.index.Index`: balltree (the seed's) and brute are exact, hnsw (hnswlib) and faiss
-(exact flat below 100,000 rows, IVF above) are approximate."""
 PRETRAINED_BACKBONE = "inception_v3"
 """The embedder without `--keras-model`: Google's Inception v3 with ImageNet weights, as both seeds used."""
 

@@ -25,6 +25,7 @@ from siamese.images import ImageDecodeError, ImageSource, decode_image
 from siamese.index import Index
 from siamese.models import build_embedding, load_embedding, model_fingerprint
 from siamese.pipeline import Cache, decoded_images, image_dataset
+from siamese.search import Engine
 from siamese.util import parallel_map, plural
 
 RAW_PIXELS = "raw pixels"
@@ -302,18 +303,18 @@ def finished_part(directory: str | os.PathLike, info: ModelInfo, part: dict, bac
 
 
 def index_catalog(
-    model: keras.Model, info: ModelInfo, catalog: Catalog, backend: str = "balltree", batch_size: int = 64,
+    model: keras.Model, info: ModelInfo, catalog: Catalog, engine: str | Engine = "balltree", batch_size: int = 64,
     embedder: dict | None = None, labeled_data: str | os.PathLike | None = None, progress: bool = True,
-    part: dict | None = None, **settings,
+    part: dict | None = None,
 ) -> Index:
-    """Embed every image of `catalog` with `model` and build an `Index` (default balltree; `settings` are its
-    engine's keyword arguments, e.g. leaf_size, hnsw_m) that records the model (`info`), how to load it again for
-    queries (`embedder`: keyword arguments of `load_embedder`, default none), the catalog it came from
-    (`labeled_data`, its image folder and hash) and, for a shard of it (see `shard_catalog`), the `part`.
-    What `--export balltree` runs; save it with `.save(DIR)`."""
+    """Embed every image of `catalog` with `model` and build an `Index` with `engine` (an `Engine` with its
+    settings, e.g. `Hnsw(m=8)`, or a registered name meaning its defaults; default balltree) that records the
+    model (`info`), how to load it again for queries (`embedder`: keyword arguments of `load_embedder`, default
+    none), the catalog it came from (`labeled_data`, its image folder and hash) and, for a shard of it (see
+    `shard_catalog`), the `part`. What `--export balltree` runs; save it with `.save(DIR)`."""
     embeddings = embed_catalog(model, catalog, batch_size, progress=progress)
     check_finite(embeddings, info.source, catalog.filenames)
     source = {"labeled_data": str(Path(labeled_data).resolve()) if labeled_data else None,
               "image_dir": str(catalog.image_dir.resolve()), "sha256": catalog.digest()}
-    return Index.from_catalog(catalog, embeddings, backend=backend, model=info.to_dict(), embedder=embedder,
-                              source=source, part=part, **settings)
+    return Index.from_catalog(catalog, embeddings, engine=engine, model=info.to_dict(), embedder=embedder,
+                              source=source, part=part)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
@@ -12,11 +11,13 @@ import numpy as np
 from siamese.catalog import Catalog
 from siamese.errors import SiameseError
 from siamese.pairs import PairSampler
+from siamese.search.kernel import kneighbors, squared_norms
 from siamese.util import plural
 
 
-def nearest(queries: np.ndarray, gallery: np.ndarray, exclude_self: bool = False, chunk: int = 2048) -> np.ndarray:
-    """Index into `gallery` of each query's nearest neighbour by Euclidean distance (exact, BLAS products).
+def nearest(queries: np.ndarray, gallery: np.ndarray, exclude_self: bool = False) -> np.ndarray:
+    """Index into `gallery` of each query's nearest neighbour by Euclidean distance, equal distances by lower
+    index (exact: `siamese.search.kernel.kneighbors`).
 
     With `exclude_self`, `queries` is `gallery` and each row skips itself (leave-one-out).
     """
@@ -24,16 +25,8 @@ def nearest(queries: np.ndarray, gallery: np.ndarray, exclude_self: bool = False
     gallery = np.asarray(gallery, np.float32)
     if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
         raise SiameseError(f"Expected 2-D embeddings of one size. Received: {queries.shape} and {gallery.shape}")
-    half_norms = 0.5 * np.einsum("ij,ij->i", gallery, gallery)
-    out = np.empty(len(queries), np.int64)
-    for start in range(0, len(queries), chunk):
-        # argmin |q - g|^2 = argmax (q.g - |g|^2 / 2)
-        scores = queries[start : start + chunk] @ gallery.T - half_norms
-        if exclude_self:
-            rows = np.arange(scores.shape[0])
-            scores[rows, rows + start] = -np.inf
-        out[start : start + chunk] = scores.argmax(axis=1)
-    return out
+    exclude = np.arange(len(queries)) if exclude_self else None
+    return kneighbors(gallery, queries, 1, exclude=exclude)[1][:, 0]
 
 
 def _other_rows(items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -68,29 +61,11 @@ def precision_at_1(embeddings: np.ndarray, items: np.ndarray, gallery: np.ndarra
 def _rankings(embeddings: np.ndarray, queries: np.ndarray, depth: np.ndarray,
               chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """For each `chunk` of `queries`: its rows, and the indices of the `depth[rows].max()` nearest other rows
-    of each, nearest first, equal distances by lower index. Reuses two chunk x n buffers (float32, int64)."""
-    n = len(embeddings)
-    sq_norms = np.einsum("ij,ij->i", embeddings, embeddings)[:, None]
-    ones = np.ones_like(sq_norms)
-    # Rows [q, 1, |q|^2] times rows [-2 g, |g|^2, 1] are the squared distances |q - g|^2: one BLAS product.
-    left = np.hstack([embeddings, ones, sq_norms])
-    right = np.hstack([-2 * embeddings, sq_norms, ones])
-    # A non-negative float32 orders like its bit pattern, so (distance bits, index) packed into an int64
-    # orders by distance, then index: a plain partition then ranks ties by index.
-    distances = np.empty((min(chunk, len(queries)), n), np.float32)
-    keys = np.empty(distances.shape, np.int64)
-    high = int(sys.byteorder == "little")
-    distance_bits = keys.view(np.int32)[:, high::2].view(np.float32)
-    indices = keys.view(np.int32)[:, 1 - high :: 2]
+    of each, nearest first, equal distances by lower index (`siamese.search.kernel.kneighbors`)."""
+    half_norms = (0.5 * squared_norms(embeddings)).astype(np.float32)
     for start in range(0, len(queries), chunk):
         rows = queries[start : start + chunk]
-        m, width = len(rows), depth[rows].max()
-        np.matmul(left[rows], right.T, out=distances[:m])
-        np.maximum(distances[:m], 0, out=distance_bits[:m])  # rounding can dip below 0
-        indices[:m] = np.arange(n, dtype=np.int32)
-        keys[np.arange(m), rows] = np.iinfo(np.int64).max  # a row is not its own neighbour
-        keys[:m].partition(width - 1, axis=1)
-        yield rows, np.sort(keys[:m, :width], axis=1) & 0xFFFFFFFF
+        yield rows, kneighbors(embeddings, embeddings[rows], depth[rows].max(), half_norms, exclude=rows)[1]
 
 
 def retrieval_metrics(embeddings: np.ndarray, items: np.ndarray, ks: Sequence[int] = (1, 5, 10),
@@ -103,7 +78,7 @@ def retrieval_metrics(embeddings: np.ndarray, items: np.ndarray, ks: Sequence[in
     neighbours), `recall_at_{k}` for each k of `ks` (default 1, 5, 10: the fraction of queries with a row
     of their item among the k nearest; k past the number of other rows counts them all) and `queries`.
     Queries whose item has no other row are left out (still neighbours of the others); raises if none is left.
-    `chunk` (default 256) queries are ranked at a time, using about chunk x rows x 12 bytes.
+    `chunk` (default 256) queries are ranked at a time, using about chunk x max(depth, 8192) x 12 bytes.
     """
     embeddings = np.asarray(embeddings, np.float32)
     items = np.asarray(items)

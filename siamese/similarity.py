@@ -20,6 +20,7 @@ import numpy as np
 from siamese import atomic
 from siamese.embed import check_finite, embed_sources
 from siamese.errors import SiameseError
+from siamese.search.kernel import kneighbors
 from siamese.util import plural, utc_now
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
@@ -120,16 +121,18 @@ def folder_similarity(
         check_finite(embeddings, source, [paths[i].name for i in kept])
         kept_names = [names[i] for i in kept]
         keep = len(kept) if top_k is None else min(top_k, len(kept))
+        by_cosine = np.zeros(len(kept), np.float32)  # half norms of zero: the kernel ranks by q.g
         for start in range(0, len(kept), 1024):
-            block = embeddings[start : start + 1024] @ embeddings.T
-            rows = np.arange(block.shape[0])
-            block[rows, rows + start] = np.inf  # itself first, reported as 1.0
-            order = np.argsort(-block, axis=1, kind="stable")[:, :keep]
-            for row, ranked in zip(rows, order, strict=True):
-                entries = [{"similarity": 1.0 if j == row + start else round(float(block[row, j]), 4),
-                            "filename": kept_names[j]} for j in ranked]
-                (new / f"{kept_names[row + start]}.json").write_text(json.dumps(entries, allow_nan=False))
-                result.written.append(kept_names[row + start])
+            rows = np.arange(start, min(start + 1024, len(kept)))
+            # itself first, reported as 1.0; then the others, most similar first, ties by lower row
+            scores, ranked = kneighbors(embeddings, embeddings[rows], keep - 1, by_cosine, exclude=rows,
+                                        return_scores=True)
+            for row, similar, others in zip(rows, scores, ranked, strict=True):
+                entries = [{"similarity": 1.0, "filename": kept_names[row]}, *(
+                    {"similarity": round(float(x), 4), "filename": kept_names[j]} for x, j in zip(similar, others,
+                                                                                                  strict=True))]
+                (new / f"{kept_names[row]}.json").write_text(json.dumps(entries, allow_nan=False))
+                result.written.append(kept_names[row])
         run = {**(settings or {}), "image_dir": str(image_dir), "top_k": top_k, "images": len(paths),
                "written": len(result.written),
                "files": {name: paths[i].name for name, i in zip(kept_names, kept, strict=True)},

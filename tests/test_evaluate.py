@@ -10,7 +10,7 @@ import pytest
 
 from siamese.catalog import Catalog, Item
 from siamese.errors import SiameseError
-from siamese.evaluate import calibrate_threshold, pair_distances, precision_at_1, retrieval_metrics
+from siamese.evaluate import calibrate_threshold, nearest, pair_distances, precision_at_1, retrieval_metrics
 from siamese.pairs import PairSampler
 
 
@@ -214,3 +214,9 @@ def test_pair_distances_errors():
         pair_distances(x, [0.0], [1.0])
     with pytest.raises(SiameseError, match="two index arrays of one length"):
         pair_distances(x, [0, 1], [2])
+
+
+def test_nearest_breaks_ties_by_the_lower_row_and_leaves_itself_out():
+    gallery = np.repeat(np.eye(3, dtype=np.float32), 2, axis=0)  # every row twice
+    np.testing.assert_array_equal(nearest(gallery, gallery), [0, 0, 2, 2, 4, 4])
+    np.testing.assert_array_equal(nearest(gallery, gallery, exclude_self=True), [1, 0, 3, 2, 5, 4])

@@ -11,13 +11,14 @@ import keras
 import numpy as np
 import pytest
 
-import siamese.index
+import siamese.search.faiss
 from siamese import atomic
 from siamese.catalog import load_catalog
 from siamese.embed import describe, embed_catalog, embed_images
 from siamese.errors import SiameseError
 from siamese.index import Index
 from siamese.models import build_embedding
+from siamese.search import BallTree, Brute, Engine, Faiss, Hnsw
 from tests.conftest import solid_catalog
 
 
@@ -33,10 +34,9 @@ def numpy_knn(gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndar
     return np.take_along_axis(d, order, axis=1), order
 
 
-def random_index(n=500, dim=16, backend="balltree", items=50, seed=0, **settings) -> Index:
+def random_index(n=500, dim=16, engine: str | Engine = "balltree", items=50, seed=0) -> Index:
     ids = [f"item{i % items}" for i in range(n)]
-    return Index(unit_vectors(n, dim, seed), ids, [f"{i}.png" for i in range(n)], [["x"]] * n, backend=backend,
-                 **settings)
+    return Index(unit_vectors(n, dim, seed), ids, [f"{i}.png" for i in range(n)], [["x"]] * n, engine=engine)
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -44,18 +44,18 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 # every engine: exact ones, FAISS's exact flat index (below 100,000 rows) and IVF, hnswlib's graph
-ENGINES = {"balltree": {}, "brute": {}, "faiss-flat": {"backend": "faiss"},
-           "faiss-ivf": {"backend": "faiss", "nlist": 16}, "hnsw": {"backend": "hnsw"}}
+ENGINES = {"balltree": BallTree, "brute": Brute, "faiss-flat": Faiss, "faiss-ivf": lambda **s: Faiss(nlist=16, **s),
+           "hnsw": Hnsw}
 EXACT = ("balltree", "brute", "faiss-flat")
 
 
-def engine(name: str) -> dict:
-    return {"backend": name, **ENGINES[name]}
+def engine(name: str, **settings) -> Engine:
+    return ENGINES[name](**settings)
 
 
 @pytest.mark.parametrize("backend", ["balltree", "brute", "faiss"])
 def test_neighbours_equal_numpy_brute_force(backend):
-    index = random_index(backend=backend)
+    index = random_index(engine=backend)
     queries = unit_vectors(40, 16, seed=1)
     distances, indices = index.kneighbors(queries, k=7)
     want_d, want_i = numpy_knn(index.embeddings, queries, 7)
@@ -67,7 +67,7 @@ def test_neighbours_equal_numpy_brute_force(backend):
 
 
 def test_brute_search_of_many_rows_goes_block_by_block_and_stays_exact():
-    index = random_index(n=70_000, dim=8, backend="brute")  # 2 blocks of rows: one whole, a tail of 4,464
+    index = random_index(n=70_000, dim=8, engine="brute")  # 2 blocks of rows: one whole, a tail of 4,464
     queries = unit_vectors(20, 8, seed=1)
     for k in (1, 10, 300):
         distances, indices = index.kneighbors(queries, k)
@@ -77,7 +77,7 @@ def test_brute_search_of_many_rows_goes_block_by_block_and_stays_exact():
 
 
 def test_k_equal_to_the_index_size_returns_every_row_and_more_is_refused():
-    index = random_index(n=30, backend="brute")
+    index = random_index(n=30, engine="brute")
     _, indices = index.kneighbors(unit_vectors(2, 16, 1), k=30)
     assert sorted(indices[0]) == list(range(30))
     with pytest.raises(SiameseError, match=r"Expected 1 <= k <= 30 \(the index holds 30 images\)\. Received: 31"):
@@ -88,7 +88,7 @@ def test_k_equal_to_the_index_size_returns_every_row_and_more_is_refused():
 
 @pytest.mark.parametrize("backend", ["balltree", "brute"])
 def test_by_item_keeps_the_best_image_of_each_item(backend):
-    index = random_index(n=400, items=40, backend=backend)
+    index = random_index(n=400, items=40, engine=backend)
     query = unit_vectors(1, 16, seed=5)
     found = index.search(query, k=12, by_item=True)[0]
     d = np.linalg.norm(index.embeddings - query, axis=1)
@@ -108,13 +108,14 @@ def test_rows_must_be_finite_non_zero_and_match_their_metadata():
         Index(np.zeros((2, 3), np.float32), ["a", "b"], ["1", "2"], [[], []])
     with pytest.raises(SiameseError, match=r"one item, filename and labels per row \(2 rows\)\. Received: 1 items"):
         Index(unit_vectors(2, 3, 0), ["a"], ["1", "2"], [[], []])
-    with pytest.raises(SiameseError, match="Expected --index to be one of balltree, brute, hnsw, faiss. Received: 'kd"):
-        Index(unit_vectors(2, 3, 0), ["a", "b"], ["1", "2"], [[], []], backend="kd")
+    with pytest.raises(SiameseError, match="Expected engine to be one of balltree, brute, hnsw, faiss. Received: 'kd"):
+        Index(unit_vectors(2, 3, 0), ["a", "b"], ["1", "2"], [[], []], engine="kd")
 
 
 @pytest.mark.parametrize("name", ENGINES)
 def test_every_engine_agrees_with_numpy_on_2000_unit_vectors(name):
-    index = random_index(n=2000, dim=64, **engine(name), target_recall=0.995)
+    tuned = {} if name in ("balltree", "brute") else {"target_recall": 0.995}
+    index = random_index(n=2000, dim=64, engine=engine(name, **tuned))
     queries = unit_vectors(200, 64, seed=1)
     distances, indices = index.kneighbors(queries, k=10)
     want_d, want_i = numpy_knn(index.embeddings, queries, 10)
@@ -134,10 +135,10 @@ def test_every_engine_agrees_with_numpy_on_2000_unit_vectors(name):
 
 
 def test_faiss_picks_ivf_from_100000_rows_and_flat_below(monkeypatch):
-    assert siamese.index.FAISS_IVF_MIN_ROWS == 100_000
-    monkeypatch.setattr(siamese.index, "FAISS_IVF_MIN_ROWS", 1000)  # the same rule, at a size a test can afford
-    assert random_index(n=999, dim=8, backend="faiss").engine == "faiss IndexFlatIP (exact)"
-    index = random_index(n=1000, dim=8, backend="faiss")
+    assert siamese.search.faiss.FAISS_IVF_MIN_ROWS == 100_000
+    monkeypatch.setattr(siamese.search.faiss, "FAISS_IVF_MIN_ROWS", 1000)  # the same rule, at a size a test can afford
+    assert random_index(n=999, dim=8, engine="faiss").engine == "faiss IndexFlatIP (exact)"
+    index = random_index(n=1000, dim=8, engine="faiss")
     assert index.params["type"] == "IndexIVFFlat" and index.params["nlist"] == int(4 * 1000**0.5) == 126
     assert index.recall_at_10 >= 0.99 and index.recall["queries"] == 100
     assert 1 <= index.params["nprobe"] <= 126
@@ -145,8 +146,8 @@ def test_faiss_picks_ivf_from_100000_rows_and_flat_below(monkeypatch):
 
 def test_ef_and_nprobe_trade_recall_for_speed_and_are_checked():
     queries = unit_vectors(100, 64, seed=1)
-    hnsw = random_index(n=2000, dim=64, backend="hnsw", hnsw_m=4, ef_construction=8)
-    ivf = random_index(n=2000, dim=64, backend="faiss", nlist=16)
+    hnsw = random_index(n=2000, dim=64, engine=Hnsw(m=4, ef_construction=8))
+    ivf = random_index(n=2000, dim=64, engine=Faiss(nlist=16))
     truth = numpy_knn(hnsw.embeddings, queries, 10)[1]
     assert recall(hnsw.kneighbors(queries, ef=1)[1], truth) < recall(hnsw.kneighbors(queries, ef=400)[1], truth)
     assert recall(ivf.kneighbors(queries, nprobe=1)[1], truth) < 0.9
@@ -160,30 +161,37 @@ def test_ef_and_nprobe_trade_recall_for_speed_and_are_checked():
         (hnsw, {"nprobe": 4}, r"Expected --nprobe only with a faiss index of at least 100,000 rows .*Received: "
                               r"--nprobe 4 for a hnsw .*Fix: leave out --nprobe"),
         (ivf, {"ef": 50}, r"Expected --ef only with an hnsw index\. Received: --ef 50 for a faiss IndexIVFFlat"),
-        (random_index(n=50, dim=64, backend="brute"), {"ef": 50}, "Expected --ef only with an hnsw index.*for a brute "
+        (random_index(n=50, dim=64, engine="brute"), {"ef": 50}, "Expected --ef only with an hnsw index.*for a brute "
                                                                   "index"),
-        (random_index(n=50, dim=64, backend="faiss"), {"nprobe": 2}, "--nprobe 2 for a faiss IndexFlatIP"),
+        (random_index(n=50, dim=64, engine="faiss"), {"nprobe": 2}, "--nprobe 2 for a faiss IndexFlatIP"),
     ]
     for index, knob, message in cases:
         with pytest.raises(SiameseError, match=message):
             index.kneighbors(queries, 3, **knob)
     # given at build time: the default of queries, with its recall measured
-    assert random_index(n=2000, dim=64, backend="faiss", nlist=16, nprobe=16).recall_at_10 == 1.0
-    assert random_index(n=2000, dim=64, backend="hnsw", ef=1).params["ef"] == 1
-    with pytest.raises(SiameseError, match="Expected --nprobe only with a faiss index.*for a balltree index"):
-        random_index(n=50, backend="balltree", nprobe=4)
+    assert random_index(n=2000, dim=64, engine=Faiss(nlist=16, nprobe=16)).recall_at_10 == 1.0
+    assert random_index(n=2000, dim=64, engine=Hnsw(ef=1)).params["ef"] == 1
+    with pytest.raises(SiameseError, match="Expected --nprobe only with a faiss index.*for a faiss IndexFlatIP"):
+        random_index(n=50, engine=Faiss(nprobe=4))
+    for make, message in ((lambda: BallTree(leaf_size=0), "Expected leaf_size >= 1. Received: 0"),
+                          (lambda: Hnsw(m=0), "Expected m >= 1. Received: 0"),
+                          (lambda: Faiss(target_recall=1.5), r"Expected 0 < target_recall <= 1. Received: 1.5")):
+        with pytest.raises(SiameseError, match=message):
+            make()
+    with pytest.raises(SiameseError, match=r"Expected 0 <= nlist <= 50 \(the rows to index"):
+        random_index(n=50, engine=Faiss(nlist=51))
 
 
 def test_a_query_the_graph_cannot_answer_in_full_is_answered_exactly():
-    index = random_index(n=40, dim=16, backend="hnsw", hnsw_m=2, ef_construction=2)
+    index = random_index(n=40, dim=16, engine=Hnsw(m=2, ef_construction=2))
     queries = unit_vectors(5, 16, seed=1)
-    assert (index._engine.search(queries, 40, 1)[1] == -1).all()  # hnswlib found fewer than 40
+    assert (index.search_engine.search(queries, 40, 1)[1] == -1).all()  # hnswlib found fewer than 40
     np.testing.assert_array_equal(index.kneighbors(queries, k=40, ef=1)[1], numpy_knn(index.embeddings, queries, 40)[1])
 
 
 @pytest.mark.parametrize("name", ENGINES)
 def test_every_engine_answers_alike_after_save_and_load(tmp_path, name):
-    index = random_index(n=2000, dim=32, **engine(name))
+    index = random_index(n=2000, dim=32, engine=engine(name))
     index.save(tmp_path)
     loaded = Index.load(tmp_path)
     queries = unit_vectors(50, 32, 1)
@@ -204,9 +212,9 @@ def test_an_index_built_from_memory_mapped_embeddings_equals_one_built_in_memory
     vectors = unit_vectors(3000, 32, 0)
     np.save(tmp_path / "embeddings.npy", vectors)
     meta = ([f"item{i % 30}" for i in range(3000)], [f"{i}.png" for i in range(3000)], [("x",)] * 3000)
-    settings = {**engine(name), "hnsw_m": 8}
-    mapped = Index(np.load(tmp_path / "embeddings.npy", mmap_mode="r"), *meta, **settings)
-    in_memory = Index(vectors, *meta, **settings)
+    built = engine(name, m=8) if name == "hnsw" else engine(name)
+    mapped = Index(np.load(tmp_path / "embeddings.npy", mmap_mode="r"), *meta, engine=built)
+    in_memory = Index(vectors, *meta, engine=built)
     mapped.save(tmp_path / "mapped")
     in_memory.save(tmp_path / "in_memory")
     saved = {d: json.loads((tmp_path / d / "index.json").read_text())["files"] for d in ("mapped", "in_memory")}
@@ -232,6 +240,7 @@ import sys
 from pathlib import Path
 import numpy as np
 from siamese.index import Index
+from siamese.search import Hnsw
 def rss(key):
     return int(Path("/proc/self/status").read_text().split(key + ":")[1].split()[0]) * 1024
 path, mode = sys.argv[1:]
@@ -239,7 +248,7 @@ rows = len(np.load(path, mmap_mode="r"))
 meta = ([str(i) for i in range(rows)], [""] * rows, [()] * rows)
 before = rss("VmRSS")
 embeddings = np.load(path, mmap_mode="r" if mode == "mapped" else None)
-Index(embeddings, *meta, backend="hnsw", hnsw_m=4, ef_construction=16, ef=16)
+Index(embeddings, *meta, engine=Hnsw(m=4, ef_construction=16, ef=16))
 print(rss("VmHWM") - before)
 """
 
@@ -265,7 +274,7 @@ def test_building_hnsw_from_a_memory_map_holds_a_block_of_it_not_all(tmp_path):
 
 
 def test_an_index_of_format_version_1_still_loads(tmp_path):
-    index = random_index(backend="balltree")
+    index = random_index(engine="balltree")
     index.save(tmp_path)
     settings = json.loads((tmp_path / "index.json").read_text())
     for key in ("engine", "recall", "part"):
@@ -278,7 +287,7 @@ def test_an_index_of_format_version_1_still_loads(tmp_path):
 
 
 def test_save_and_load_round_trip_without_pickle(tmp_path):
-    index = random_index(backend="balltree")
+    index = random_index(engine="balltree")
     random_index(seed=1).save(tmp_path / "idx")
     index.save(tmp_path / "idx")  # replaces the first, leaving one set of files
     names = sorted(p.name for p in (tmp_path / "idx").iterdir())
@@ -321,7 +330,7 @@ def test_a_tampered_index_is_refused(tmp_path, name, change, message):
 
 @pytest.mark.parametrize("backend", ["hnsw", "faiss"])
 def test_a_tampered_or_foreign_engine_file_is_refused(tmp_path, backend):
-    random_index(backend=backend).save(tmp_path / "idx")
+    random_index(engine=backend).save(tmp_path / "idx")
 
     def flip_a_byte(path):
         data = bytearray(path.read_bytes())
@@ -333,8 +342,8 @@ def test_a_tampered_or_foreign_engine_file_is_refused(tmp_path, backend):
                                            r"written \(SHA-256 mismatch\)\. Fix: rebuild the index"):
         Index.load(tmp_path / "idx")
     # a whole, untampered engine file of another index, its hash written into index.json: refused by content
-    random_index(backend=backend).save(tmp_path / "idx")
-    random_index(n=400, backend=backend, seed=1).save(tmp_path / "other")
+    random_index(engine=backend).save(tmp_path / "idx")
+    random_index(n=400, engine=backend, seed=1).save(tmp_path / "other")
     other = json.loads((tmp_path / "other" / "index.json").read_text())["files"]
     settings = json.loads((tmp_path / "idx" / "index.json").read_text())
     (tmp_path / "idx" / other["engine"]).write_bytes((tmp_path / "other" / other["engine"]).read_bytes())
@@ -399,7 +408,7 @@ def test_query_images_through_the_model_that_built_the_index(tmp_path, small_mod
     catalog = load_catalog(solid_catalog(tmp_path, {"a": (3, []), "b": (2, ["x"]), "c": (2, [])}), tmp_path)
     embeddings = embed_catalog(small_model, catalog, batch_size=3, progress=False, workers=1)
     np.testing.assert_allclose(embeddings, embed_images(small_model, list(catalog.paths)), atol=1e-6)
-    index = Index.from_catalog(catalog, embeddings, backend="brute", model=describe(small_model, "test").to_dict())
+    index = Index.from_catalog(catalog, embeddings, engine="brute", model=describe(small_model, "test").to_dict())
     index.check_model(small_model, describe(small_model, "test"))
     found = index.query([catalog.paths[3], catalog.paths[3].read_bytes()], k=2)
     for matches in found:

@@ -1,0 +1,178 @@
+"""The `Engine` every search backend of `siamese.search.Index` is, and the registry of them by name.
+
+An engine is made with its build settings (`Hnsw(m=16)`), then built by the index from the (possibly
+memory-mapped) embeddings. Register a new one with `@register_engine`: `Index`, its folder format and the
+`index` / `merge-index` / `query` commands (its `--index` choice and its `settings` as flags) then know it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from siamese.errors import SiameseError
+from siamese.search.kernel import squared_norms
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A build setting of an engine, a keyword argument of its class shown as a command-line flag.
+
+    `flag` defaults to `--name` with dashes; `default_text` (for help) to "default <default>"."""
+
+    name: str
+    type: type
+    default: object
+    help: str
+    flag: str | None = None
+    metavar: str | None = None
+    default_text: str | None = None
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or f"--{self.name.replace('_', '-')}"
+
+
+class Engine(ABC):
+    """Nearest-neighbour search over unit vectors answering Euclidean distances.
+
+    Class attributes: `name` (set by `register_engine`); `summary`, a few words for `--index`'s help;
+    `settings`, the build settings the command line shows;
+    `suffix`, the file of an engine that is read back rather than rebuilt (None: rebuilt from the embeddings);
+    `knob`, the name of the query-time setting of an approximate engine (e.g. "ef"), `knob_text` which indexes
+    take it (for errors), `knob_help` its help, `tune_from` the first value tried when tuning it for recall.
+    Instances hold `params`, what index.json's "engine" records.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    settings: ClassVar[tuple[Setting, ...]] = ()
+    suffix: ClassVar[str | None] = None
+    knob: ClassVar[str | None] = None
+    knob_text: ClassVar[str] = ""
+    knob_help: ClassVar[str] = ""
+    tune_from: ClassVar[int] = 1
+    target_recall: float = 0.99
+    knob_default: int | None = None
+    """The query-time `knob` given at build time (None: tuned for `target_recall`, see `siamese.search.tuning`)."""
+
+    def __init__(self) -> None:
+        self.params: dict = {}
+
+    @abstractmethod
+    def build(self, embeddings: np.ndarray, held: np.ndarray, half_norms: np.ndarray) -> None:
+        """Build from `embeddings` (unit rows, maybe memory-mapped; `half_norms` their |row|^2 / 2). An engine
+        with a `knob` leaves out the sorted rows `held` if it is approximate once built (`knob_range` not None;
+        they are `add`ed after tuning); one exact after all (faiss below its IVF size) holds every row."""
+
+    @abstractmethod
+    def search(self, queries: np.ndarray, k: int, knob: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """(distances float32, indices int64), each (queries, k), nearest first; -1 where fewer than k are found.
+        `knob`: the value of the query-time setting (None for exact engines)."""
+
+    @property
+    def knob_range(self) -> tuple[int, int] | None:
+        """The values `knob` may take once built; None for an exact engine (nothing held out, nothing tuned)."""
+        return None
+
+    def add(self, embeddings: np.ndarray, rows: np.ndarray) -> None:
+        """Add the sorted `rows` of `embeddings` (the held-out ones, after tuning)."""
+        raise NotImplementedError(f"{self.name} holds every row once built")
+
+    def write(self, path: Path) -> None:
+        """Write the engine's own file (engines with a `suffix`)."""
+        raise NotImplementedError(f"{self.name} is rebuilt from the embeddings, not written")
+
+    @classmethod
+    def read(cls, path: Path | None, embeddings: np.ndarray, params: dict) -> Engine:
+        """The engine index.json's `params` describe over `embeddings`: read from `path` (engines with a
+        `suffix`; ValueError, RuntimeError, KeyError or TypeError when it disagrees) or rebuilt (`path` None;
+        ValueError naming a bad setting). Default: rebuilt with those of its `settings` that `params` records."""
+        engine = cls(**{s.name: params[s.name] for s in cls.settings if s.name in params})
+        engine.build(embeddings, np.empty(0, np.int64), (0.5 * squared_norms(embeddings)).astype(np.float32))
+        return engine
+
+    def describe(self) -> str:
+        """The engine in words, e.g. "hnsw (M 16, ef_construction 200, ef 64)" (`Index.engine`)."""
+        return self.name
+
+    def build_settings(self) -> dict:
+        """The values of `settings`: what a rebuild of this engine (e.g. a merge of shard parts) keeps."""
+        return {s.name: getattr(self, s.name) for s in self.settings}
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, object]) -> Engine:
+        """An engine of the entries of `settings` that are among its `settings` (the command line gives all)."""
+        return cls(**{s.name: settings[s.name] for s in cls.settings if settings.get(s.name) is not None})
+
+    def check_knob(self, name: str, value: int) -> None:
+        """Refuse the query-time setting `name` (e.g. "ef") if this engine does not take it, or `value` out of range."""
+        if name != self.knob or self.knob_range is None:
+            owners = [e.knob_text for e in ENGINES.values() if e.knob == name]
+            if not owners:
+                raise SiameseError(f"Expected a query-time setting among {', '.join(knobs())}. Received: {name}")
+            raise SiameseError(f"Expected --{name} only with {' or '.join(owners)}. Received: --{name} {value} "
+                               f"for a {self.describe()} index. Fix: leave out --{name}.")
+        low, high = self.knob_range
+        if not low <= value <= high:
+            raise SiameseError(f"Expected {low} <= --{name} <= {high} for this {self.describe()} index. "
+                               f"Received: {value}")
+
+
+def check_at_least(name: str, value: int, least: int = 1) -> None:
+    """Refuse a setting `name` below `least` (an engine's constructor)."""
+    if not isinstance(value, int) or value < least:
+        raise SiameseError(f"Expected {name} >= {least}. Received: {value!r}")
+
+
+def check_target_recall(value: float) -> None:
+    if not 0 < value <= 1:
+        raise SiameseError(f"Expected 0 < target_recall <= 1. Received: {value}")
+
+
+ENGINES: dict[str, type[Engine]] = {}
+"""Every engine by name, in registration order (the first is the default of `Index`)."""
+ALIASES: dict[str, str] = {}
+"""Other names of engines (e.g. "ball_tree"), accepted by `engine_class`."""
+
+
+def register_engine(name: str, *aliases: str):
+    """Class decorator: register an `Engine` subclass as `name` (and `aliases`), setting its `name`."""
+
+    def register(cls: type[Engine]) -> type[Engine]:
+        cls.name = name
+        ENGINES[name] = cls
+        ALIASES.update(dict.fromkeys(aliases, name))
+        return cls
+
+    return register
+
+
+def engine_class(name: str) -> type[Engine]:
+    """The registered engine `name` (or alias)."""
+    cls = ENGINES.get(ALIASES.get(name, name))
+    if cls is None:
+        raise SiameseError(f"Expected engine to be one of {', '.join(ENGINES)}. Received: {name!r}. Fix: pass a "
+                           "registered name or an Engine (see siamese.search.register_engine).")
+    return cls
+
+
+def make_engine(engine: str | Engine, **settings) -> Engine:
+    """`engine` itself, or a new engine of the registered name `engine` made with `settings` (its keyword
+    arguments; default: its defaults)."""
+    if isinstance(engine, Engine):
+        if settings:
+            raise SiameseError(f"Expected settings with an engine name, not with an engine. Received: {engine.name} "
+                               f"and {', '.join(settings)}. Fix: pass them to the engine's class.")
+        return engine
+    return engine_class(engine)(**settings)
+
+
+def knobs() -> list[str]:
+    """The query-time settings of the registered engines (e.g. ef, nprobe), once each."""
+    return list(dict.fromkeys(e.knob for e in ENGINES.values() if e.knob))

@@ -1,0 +1,243 @@
+"""`Index`: the rows of a catalog's images (embeddings, item, filename, labels), their metadata and an `Engine`.
+
+Every engine answers Euclidean distances between unit vectors, so similarity = 1 - distance^2 / 2 throughout.
+An index can be built from memory-mapped embeddings (`np.load(path, mmap_mode="r")`): every pass over them then
+reads one block at a time and drops it from memory after use, so building an hnsw index holds the graph and one
+block, not the graph and the embeddings. On disk it is a folder (see `siamese.search.store`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from siamese.errors import SiameseError
+from siamese.search import store
+from siamese.search.engine import Engine, make_engine
+from siamese.search.kernel import blocks, kneighbors, squared_norms
+from siamese.search.tuning import held_out, tune
+from siamese.util import plural
+
+if TYPE_CHECKING:
+    from siamese.catalog import Catalog
+
+
+@dataclass(frozen=True)
+class Match:
+    """One neighbour of a query: its row, item, file, labels, Euclidean distance and cosine similarity."""
+
+    row: int
+    item: str
+    filename: str
+    labels: tuple[str, ...]
+    distance: float
+    similarity: float
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "labels": list(self.labels)}
+
+
+class Index:
+    """Nearest-neighbour search over L2-normalised embeddings, one row per image, with its metadata.
+
+    `engine` is an `Engine` with its settings (e.g. `Hnsw(m=8)`) or a registered name meaning its defaults
+    (default "balltree"; see `siamese.search.ENGINES`). Approximate engines hold out a seeded sample of rows to
+    choose their query-time knob for recall (see `siamese.search.tuning`). `model` and `embedder` record which
+    network made the embeddings (see `siamese.embed`); `source` which catalog they came from; `part` which shard of
+    it (see `merge_parts`). Like scikit-learn's neighbors, `kneighbors` answers vectors; `query` answers images.
+    """
+
+    def __init__(
+        self,
+        embeddings: np.ndarray,
+        items: Sequence[str],
+        filenames: Sequence[str],
+        labels: Sequence[Sequence[str]],
+        *,
+        engine: str | Engine = "balltree",
+        model: dict | None = None,
+        embedder: dict | None = None,
+        source: dict | None = None,
+        part: dict | None = None,
+    ):
+        engine = copy.copy(make_engine(engine))  # an engine given is a recipe: building another index keeps it
+        engine.params = dict(engine.params)
+        embeddings = np.asarray(embeddings, np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[0] < 1 or embeddings.shape[1] < 1:
+            raise SiameseError(f"Expected embeddings of shape (rows >= 1, dim >= 1). Received: {embeddings.shape}")
+        squared = np.concatenate([squared_norms(block) for _, block in blocks(embeddings)])
+        if not np.isfinite(squared).all():
+            raise SiameseError("Expected finite embeddings. Received: NaN or infinite values")
+        if (squared == 0).any():
+            raise SiameseError("Expected non-zero embeddings. Received: a row of zeros, which has no direction")
+        # already-unit rows are kept bit for bit, so a saved and reloaded index answers exactly alike
+        norms = np.sqrt(squared).astype(np.float32)[:, None]
+        if np.abs(norms - 1).max() > 1e-6:
+            embeddings = embeddings / norms
+            squared = squared_norms(embeddings)
+        half_norms = (0.5 * squared).astype(np.float32)
+        del squared, norms  # 12 MiB at a million rows, not kept while the engine is built
+        self._set_rows(embeddings, items, filenames, labels)
+        self._set_metadata(model, embedder, source, part)
+        held = held_out(len(embeddings)) if engine.knob else np.empty(0, np.int64)
+        engine.build(embeddings, held, half_norms)
+        self.search_engine = engine
+        self.recall = tune(engine, embeddings, held, half_norms)
+
+    def _set_rows(self, embeddings: np.ndarray, items, filenames, labels) -> None:
+        if not (len(items) == len(filenames) == len(labels) == embeddings.shape[0]):
+            raise SiameseError(
+                f"Expected one item, filename and labels per row ({embeddings.shape[0]} rows). "
+                f"Received: {len(items)} items, {len(filenames)} filenames, {len(labels)} labels"
+            )
+        self.embeddings = embeddings
+        self.items = list(items)
+        self.filenames = list(filenames)
+        self.labels = [tuple(x) for x in labels]
+        self._model_cache = None
+
+    def _set_metadata(self, model, embedder, source, part) -> None:
+        self.model = model or {}
+        self.embedder = embedder or {}
+        self.source = source or {}
+        self.part = part
+
+    @property
+    def backend(self) -> str:
+        """The engine's registered name, e.g. "hnsw"."""
+        return self.search_engine.name
+
+    @property
+    def params(self) -> dict:
+        """The engine's settings as index.json records them (e.g. hnsw_m, ef_construction, ef)."""
+        return self.search_engine.params
+
+    @property
+    def recall_at_10(self) -> float | None:
+        """Recall@10 measured at build time with the default `ef`/`nprobe`; None for exact engines."""
+        return None if self.recall is None else self.recall["recall_at_10"]
+
+    @property
+    def engine(self) -> str:
+        """The engine in words, e.g. "hnsw (M 16, ef_construction 200, ef 64)", "faiss IndexFlatIP (exact)"."""
+        return self.search_engine.describe()
+
+    @classmethod
+    def from_catalog(cls, catalog: Catalog, embeddings: np.ndarray, **kwargs) -> Index:
+        """An index of `catalog`'s images (`embeddings` in `catalog.filenames` order); kwargs as `Index`."""
+        items = [catalog.items[i].id for i in catalog.image_item]
+        labels = [catalog.items[i].labels for i in catalog.image_item]
+        return cls(embeddings, items, catalog.filenames, labels, **kwargs)
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.embeddings.shape[1]
+
+    def kneighbors(self, vectors: np.ndarray, k: int = 10, **knob: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """The `k` nearest rows of each vector: `(distances, indices)`, each `(queries, k)`, nearest first.
+
+        `knob`: the engine's query-time setting, e.g. `ef=64` (hnsw) or `nprobe=8` (faiss IVF), trading speed for
+        recall (default: the index's, see `params`); None is the default. A query an approximate engine finds
+        fewer than `k` rows for is answered by exact search.
+        """
+        vectors = np.asarray(vectors, np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise SiameseError(
+                f"Expected query embeddings of shape (n, {self.dim}) like the index's. Received: {vectors.shape}. "
+                "Fix: embed the queries with the model that built the index."
+            )
+        if not 1 <= k <= len(self):
+            raise SiameseError(
+                f"Expected 1 <= k <= {len(self)} (the index holds {plural(len(self), 'image')}). Received: {k}"
+            )
+        engine = self.search_engine
+        for name, value in knob.items():
+            if value is not None:
+                engine.check_knob(name, value)
+        value = knob.get(engine.knob) or self.params.get(engine.knob)
+        distances, indices = engine.search(vectors, k, value)
+        short = (indices < 0).any(axis=1)
+        if short.any():
+            distances[short], indices[short] = kneighbors(self.embeddings, vectors[short], k)
+        return distances, indices
+
+    def search(self, vectors: np.ndarray, k: int = 10, by_item: bool = False, **knob: int | None) -> list[list[Match]]:
+        """The `k` nearest images of each vector as `Match`es; `by_item` keeps the best image of `k` items;
+        `knob` as `kneighbors`."""
+        if not by_item:
+            return [self._matches(d, i) for d, i in zip(*self.kneighbors(vectors, k, **knob), strict=True)]
+        n_items = len(set(self.items))
+        if not 1 <= k <= n_items:
+            raise SiameseError(f"Expected 1 <= k <= {n_items} (the index holds {plural(n_items, 'item')}). "
+                               f"Received: {k}")
+        results = []
+        for vector in np.asarray(vectors, np.float32):
+            wanted = min(len(self), 4 * k)
+            while True:
+                distances, indices = self.kneighbors(vector[None], wanted, **knob)
+                seen: dict[str, Match] = {}
+                for match in self._matches(distances[0], indices[0]):
+                    seen.setdefault(match.item, match)
+                if len(seen) >= k or wanted == len(self):
+                    break
+                wanted = min(len(self), 2 * wanted)
+            results.append(list(seen.values())[:k])
+        return results
+
+    def _matches(self, distances: np.ndarray, indices: np.ndarray) -> list[Match]:
+        return [
+            Match(int(i), self.items[i], self.filenames[i], self.labels[i], float(d), float(1 - d * d / 2))
+            for d, i in zip(distances, indices, strict=True)
+        ]
+
+    def load_model(self):
+        """The embedding network recorded by the index (loaded once), checked against its fingerprint."""
+        if self._model_cache is None:
+            from siamese.embed import load_embedder
+
+            if not self.embedder:
+                raise SiameseError("This index does not record its model. Fix: pass the model (--keras-model).")
+            self.check_model(*load_embedder(**self.embedder))
+        return self._model_cache
+
+    def check_model(self, model, info) -> None:
+        """Refuse a model other than the one that built the index; remember it for `query`."""
+        want = self.model.get("fingerprint")
+        if info.embedding_dim != self.dim or (want and info.fingerprint != want):
+            raise SiameseError(
+                f"The index was built by a different model ({self.model.get('source', 'unknown')}, "
+                f"{self.dim}-d, fingerprint {str(want)[:12]}). Received: {info.source}, {info.embedding_dim}-d, "
+                f"fingerprint {info.fingerprint[:12]}. Fix: query with the model that built the index, or "
+                "rebuild the index with this one."
+            )
+        self._model_cache = model
+
+    def query(self, images: Sequence, k: int = 10, by_item: bool = False, **knob: int | None) -> list[list[Match]]:
+        """The `k` nearest images (or items, `by_item`) of each image file or encoded bytes in `images`;
+        `knob` as `kneighbors`."""
+        from siamese.embed import embed_images
+
+        return self.search(embed_images(self.load_model(), images), k, by_item, **knob)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the index to `directory` (created if needed; see `siamese.search.store`) and return the folder.
+
+        The folder is written whole beside `directory` and swapped in (`atomic.replace_folder`) under its lock
+        (`claim_output`), so a crash or a second run leaves the previous index whole. A folder that holds anything
+        but an index of this tool, and a shard part this index was merged from, are refused.
+        """
+        return store.save(self, directory)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Index:
+        """Read an index saved by `save`, refusing anything malformed, inconsistent or modified."""
+        return store.load(cls, directory)
