@@ -407,16 +407,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _embedder(args: argparse.Namespace):
-    from siamese.embed import load_embedder
+    """The `siamese.embed.Embedder` of --keras-model, or of --backbone, --weights and --image-size without one."""
+    from siamese.embed import Embedder
 
-    return load_embedder(args.keras_model, args.backbone, args.weights, args.image_size)
+    return Embedder.load(args.keras_model, args.backbone, args.weights, args.image_size)
 
 
 def _export(args: argparse.Namespace) -> int:
     from siamese.export import export_savedmodel
 
-    model, info = _embedder(args)
-    path = export_savedmodel(model, args.output, args.model_version, info=info.to_dict())
+    embedder = _embedder(args)
+    info = embedder.info
+    path = export_savedmodel(embedder.model, args.output, args.model_version, info=info.to_dict())
     print(f"SavedModel of {info.source} ({info.image_size} px in, {info.embedding_dim}-d out): {path}")
     print("Signatures: serving_default (encoded image bytes), serve_pixels (uint8 pixels)")
     return 0
@@ -433,7 +435,7 @@ def _index(args: argparse.Namespace) -> int:
 
 def _index_claimed(args: argparse.Namespace) -> int:
     from siamese.catalog import load_catalog
-    from siamese.embed import finished_part, index_catalog, shard_catalog
+    from siamese.embed import finished_part, shard_catalog
     from siamese.images import check_images
     from siamese.search import ENGINES
 
@@ -442,20 +444,18 @@ def _index_claimed(args: argparse.Namespace) -> int:
     if args.shard:
         catalog, part = shard_catalog(catalog, *args.shard, args.batch_size)
     catalog = check_images(catalog, args.on_bad_image, progress=progress)
-    model, info = _embedder(args)
+    embedder = _embedder(args)
     done = "Indexed "
     if part:
         done = (f"Indexed shard {part['shard']}/{part['shards']} (images {part['rows'][0]:,} to "
                 f"{part['rows'][1]:,} of {part['images']:,}): ")
-        if finished_part(args.output, info, part, args.index):
+        if finished_part(args.output, embedder.info, part, args.index):
             print(f"Skipped shard {part['shard']}/{part['shards']}: {args.output} already holds it (same model, "
                   "catalog, shard and --index)")
             return 0
-    weights = args.weights if args.weights in ("imagenet", "none") else str(Path(args.weights).resolve())
-    embedder = ({"keras_model": info.source} if args.keras_model else
-                {"backbone": args.backbone, "weights": weights, "image_size": args.image_size})
     engine = ENGINES[args.index].from_settings(_engine_settings(args))
-    index = index_catalog(model, info, catalog, engine, args.batch_size, embedder, args.labeled_data, progress, part)
+    index = embedder.index(catalog, engine, batch_size=args.batch_size, labeled_data=args.labeled_data,
+                           progress=progress, part=part)
     out = index.save(args.output)
     _print_index(index, f"{done}{plural(len(index), 'image')} of {plural(len(catalog), 'item')}", out)
     if part:
@@ -490,13 +490,12 @@ def _merge_index(args: argparse.Namespace) -> int:
 def _query(args: argparse.Namespace) -> int:
     import json
 
-    from siamese.embed import load_embedder
+    from siamese.embed import Embedder
     from siamese.index import Index
 
     index = Index.load(args.index)
-    if args.keras_model:
-        index.check_model(*load_embedder(args.keras_model))
-    results = index.query(args.images, args.k, args.by_item, **_knobs(args))
+    results = Embedder.of_index(index, args.keras_model).search(index, args.images, args.k, args.by_item,
+                                                                 **_knobs(args))
     if args.json:
         print(json.dumps([{"query": q, "neighbours": [m.to_dict() for m in r]}
                           for q, r in zip(args.images, results, strict=True)], indent=2, ensure_ascii=False))
@@ -511,10 +510,10 @@ def _query(args: argparse.Namespace) -> int:
 def _similarity(args: argparse.Namespace) -> int:
     from siamese.similarity import folder_similarity
 
-    model, info = _embedder(args)
-    result = folder_similarity(model, args.image_dir, args.out, args.top_k, args.batch_size,
-                               settings={"model": info.to_dict()}, progress=not args.no_progress,
-                               source=info.source)
+    embedder = _embedder(args)
+    result = folder_similarity(embedder.model, args.image_dir, args.out, args.top_k, args.batch_size,
+                               settings={"model": embedder.info.to_dict()}, progress=not args.no_progress,
+                               source=embedder.info.source)
     skipped = f" (skipped {plural(len(result.skipped), 'unreadable image')})" if result.skipped else ""
     print(f"Wrote {plural(len(result.written), 'similarity file')} to {result.out}{skipped}")
     return 0

@@ -78,11 +78,10 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
 
     from siamese.catalog import load_catalog
     from siamese.config import TrainConfig
-    from siamese.embed import describe, evaluate_models, index_catalog
+    from siamese.embed import Embedder, evaluate_models
     from siamese.export import export_savedmodel
     from siamese.images import check_images
     from siamese.index import Index
-    from siamese.models import load_embedding
     from siamese.plots import show_neighbours
     from siamese.similarity import folder_similarity
     from siamese.training import train
@@ -116,8 +115,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
         ), verbose="auto" if progress else 2)
         print(f"Best {result.monitor} {result.best:.4f} at epoch {result.best_epoch}: {checkpoint}")
 
-    model = load_embedding(checkpoint)
-    info = describe(model, str(checkpoint.resolve()))
+    embedder = Embedder.load(checkpoint)
     with _step(seconds, "4. Evaluate on the test images: the trained model against the network it started from"):
         results = evaluate_models(test_catalog, checkpoint, pixels=False, seed=config.seed, progress=False)
         evaluations = dict(zip(("trained", "untrained"), (e for _, e in results), strict=True))
@@ -131,29 +129,28 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
         summary["evaluation"] = {name: e.to_dict() for name, e in evaluations.items()}
 
     with _step(seconds, "5. Export the SavedModel"):
-        export = export_savedmodel(model, out / "exports" / "savedmodel", info=info.to_dict())
+        export = export_savedmodel(embedder.model, out / "exports" / "savedmodel", info=embedder.info.to_dict())
         print(f"{export} (serving_default: encoded image bytes; serve_pixels: uint8 pixels)")
 
     with _step(seconds, "6. Index the training images (BallTree)"):
-        index = index_catalog(model, info, train_catalog, embedder={"keras_model": info.source},
-                              labeled_data=written["train"], progress=progress)
+        index = embedder.index(train_catalog, labeled_data=written["train"], progress=progress)
         index_dir = index.save(out / "exports" / "index")
         print(f"{plural(len(index), 'image')} in {index_dir}")
 
     picture = out / "query_results.png"
     with _step(seconds, "7. Query the index with test images, one per item"):
         index = Index.load(index_dir)
-        index.check_model(model, info)
+        embedder.check(index)
         firsts: dict[int, Path] = {}
         for item, path in zip(test_catalog.image_item, test_catalog.paths, strict=True):
             firsts.setdefault(int(item), path)
         queries = list(firsts.values())[: config.queries]
         query_items = [test_catalog.items[i].id for i in list(firsts)[: config.queries]]
-        for path, item, matches in zip(queries, query_items, index.query(queries, k=5), strict=True):
+        for path, item, matches in zip(queries, query_items, embedder.search(index, queries, k=5), strict=True):
             right = sum(m.item == item for m in matches)
             print(f"  {path.name} ({item}): {right} of the 5 nearest are {item}; nearest {matches[0].filename} "
                   f"similarity {matches[0].similarity:.3f}")
-        figure = show_neighbours(index, queries, image_dir, query_items=query_items, k=8, image_size=size * 2)
+        figure = show_neighbours(embedder, index, queries, image_dir, query_items=query_items, k=8, image_size=size * 2)
         figure.savefig(picture, dpi=120)
         print(f"Picture: {picture}")
 
@@ -166,7 +163,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
             shutil.copy(path, folder / f"{test_catalog.items[test_catalog.image_item[n]].id}_{path.name}")
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # every image here is readable: a warning would be a bug
-            similar = folder_similarity(model, folder, out / "similarity_out", progress=False)
+            similar = folder_similarity(embedder.model, folder, out / "similarity_out", progress=False)
         example = similar.out / f"{sorted(similar.written)[0]}.json"
         print(f"{plural(len(similar.written), 'file')} in {similar.out}; {example.name}: "
               f"{example.read_text()[:150]}...")

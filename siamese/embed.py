@@ -1,6 +1,6 @@
 """Embedding images with a model: a trained checkpoint, or a pretrained ImageNet backbone when there is none.
 
-Every command that embeds (export, index, query, similarity, evaluate) gets its model from `load_embedder`
+Every command that embeds (export, index, query, similarity, evaluate) gets its model from `Embedder.load`
 and its pixels from `siamese.images.decode_image`, so they cannot disagree about preprocessing.
 """
 
@@ -22,10 +22,9 @@ from siamese.config import PRETRAINED_BACKBONE
 from siamese.errors import SiameseError
 from siamese.evaluate import Evaluation, evaluate_embeddings
 from siamese.images import ImageDecodeError, ImageSource, decode_image
-from siamese.index import Index
 from siamese.models import build_embedding, load_embedding, model_fingerprint
 from siamese.pipeline import Cache, decoded_images, image_dataset
-from siamese.search import Engine
+from siamese.search import Engine, Index, Match
 from siamese.util import parallel_map, plural
 
 RAW_PIXELS = "raw pixels"
@@ -87,34 +86,49 @@ class Embedder:
     @classmethod
     def of_index(cls, index: Index, keras_model: str | os.PathLike | None = None) -> Embedder:
         """The model that built `index`: `keras_model` when given, else the one its recipe names; refused, with
-        the fix, when it is not the model the index records."""
+        the fix, when it is not the model the index records (see `check`)."""
         if keras_model is None and not index.embedder:
             raise SiameseError("This index does not record its model. Fix: pass the model (--keras-model).")
         embedder = cls.load(keras_model) if keras_model is not None else cls.load(**index.embedder)
+        embedder.check(index)
+        return embedder
+
+    def check(self, index: Index) -> None:
+        """Refuse to query `index` with this model unless it is the one that built it (dimension, fingerprint)."""
         want = index.model.get("fingerprint")
-        if embedder.info.embedding_dim != index.dim or (want and embedder.info.fingerprint != want):
+        if self.info.embedding_dim != index.dim or (want and self.info.fingerprint != want):
             raise SiameseError(
                 f"The index was built by a different model ({index.model.get('source', 'unknown')}, "
-                f"{index.dim}-d, fingerprint {str(want)[:12]}). Received: {embedder.info.source}, "
-                f"{embedder.info.embedding_dim}-d, fingerprint {embedder.info.fingerprint[:12]}. Fix: query with "
+                f"{index.dim}-d, fingerprint {str(want)[:12]}). Received: {self.info.source}, "
+                f"{self.info.embedding_dim}-d, fingerprint {self.info.fingerprint[:12]}. Fix: query with "
                 "the model that built the index, or rebuild the index with this one."
             )
-        return embedder
 
     def embed(self, sources: Sequence[ImageSource], batch_size: int = 64) -> np.ndarray:
         """Embeddings `(len(sources), dim)` of image files or encoded bytes (see `embed_images`)."""
         return embed_images(self.model, sources, batch_size)
 
+    def search(self, index: Index, images: Sequence[ImageSource], k: int = 10, by_item: bool = False,
+               **knob: int | None) -> list[list[Match]]:
+        """The `k` nearest images (or items, `by_item`) in `index` of each image file or encoded bytes; `knob`
+        (ef=, nprobe=) as `Index.kneighbors`. Check the model first (`check`, or get it with `of_index`)."""
+        return index.search(self.embed(images), k, by_item, **knob)
 
-def load_embedder(
-    keras_model: str | os.PathLike | None = None,
-    backbone: str = PRETRAINED_BACKBONE,
-    weights: str | None = "imagenet",
-    image_size: int | None = None,
-) -> tuple[keras.Model, ModelInfo]:
-    """`(model, info)` of `Embedder.load` with the same arguments."""
-    embedder = Embedder.load(keras_model, backbone, weights, image_size)
-    return embedder.model, embedder.info
+    def index(
+        self, catalog: Catalog, engine: str | Engine = "balltree", *, batch_size: int = 64,
+        labeled_data: str | os.PathLike | None = None, progress: bool = True, part: dict | None = None,
+    ) -> Index:
+        """Embed every image of `catalog` and build an `Index` with `engine` (an `Engine` with its settings, e.g.
+        `Hnsw(m=8)`, or a registered name meaning its defaults; default balltree). The index records this model
+        and its recipe (so queries load it again), the catalog it came from (`labeled_data`, its image folder and
+        hash) and, for a shard of it (see `shard_catalog`), the `part`. What `--export balltree` runs; save it
+        with `.save(DIR)`."""
+        embeddings = embed_catalog(self.model, catalog, batch_size, progress=progress)
+        check_finite(embeddings, self.info.source, catalog.filenames)
+        source = {"labeled_data": str(Path(labeled_data).resolve()) if labeled_data else None,
+                  "image_dir": str(catalog.image_dir.resolve()), "sha256": catalog.digest()}
+        return Index.from_catalog(catalog, embeddings, engine=engine, model=self.info.to_dict(),
+                                  embedder=self.recipe, source=source, part=part)
 
 
 def untrained_like(keras_model: str | os.PathLike) -> tuple[keras.Model, ModelInfo]:
@@ -300,21 +314,3 @@ def finished_part(directory: str | os.PathLike, info: ModelInfo, part: dict, bac
     except SiameseError:
         return False
     return (index.part, index.model.get("fingerprint"), index.backend) == (part, info.fingerprint, backend)
-
-
-def index_catalog(
-    model: keras.Model, info: ModelInfo, catalog: Catalog, engine: str | Engine = "balltree", batch_size: int = 64,
-    embedder: dict | None = None, labeled_data: str | os.PathLike | None = None, progress: bool = True,
-    part: dict | None = None,
-) -> Index:
-    """Embed every image of `catalog` with `model` and build an `Index` with `engine` (an `Engine` with its
-    settings, e.g. `Hnsw(m=8)`, or a registered name meaning its defaults; default balltree) that records the
-    model (`info`), how to load it again for queries (`embedder`: keyword arguments of `load_embedder`, default
-    none), the catalog it came from (`labeled_data`, its image folder and hash) and, for a shard of it (see
-    `shard_catalog`), the `part`. What `--export balltree` runs; save it with `.save(DIR)`."""
-    embeddings = embed_catalog(model, catalog, batch_size, progress=progress)
-    check_finite(embeddings, info.source, catalog.filenames)
-    source = {"labeled_data": str(Path(labeled_data).resolve()) if labeled_data else None,
-              "image_dir": str(catalog.image_dir.resolve()), "sha256": catalog.digest()}
-    return Index.from_catalog(catalog, embeddings, engine=engine, model=info.to_dict(), embedder=embedder,
-                              source=source, part=part)

@@ -112,10 +112,11 @@ def plot_distances(evaluations: dict[str, Evaluation], bins: int = 50):
     return fig
 
 
-def show_neighbours(index, queries: Sequence[str | os.PathLike], image_dir: str | os.PathLike | None = None,
+def show_neighbours(embedder, index, queries: Sequence[str | os.PathLike], image_dir: str | os.PathLike | None = None,
                     query_items: Sequence[str] = (), k: int = 6, image_size: int = 96):
-    """One row per query image: the query, then its `k` nearest images in `index` (`siamese.index.Index`)
-    with their item and cosine similarity, green when the item is the query's and red when not.
+    """One row per query image: the query, then its `k` nearest images in `index` (`siamese.index.Index`) as
+    `embedder` (`siamese.embed.Embedder`, the model that built it) finds them, with their item and cosine
+    similarity, green when the item is the query's and red when not.
 
     A query that is itself in the index is not shown as its own neighbour. `image_dir` (default: the one the
     index records) is where the index's filenames are; `query_items` gives the right item of queries that
@@ -123,7 +124,7 @@ def show_neighbours(index, queries: Sequence[str | os.PathLike], image_dir: str 
     """
     image_dir = Path(image_dir or index.source.get("image_dir", "."))
     rows_by_path = {(image_dir / f).resolve(): row for row, f in enumerate(index.filenames)}
-    found = index.query(list(queries), min(k + 1, len(index)))
+    found = embedder.search(index, list(queries), min(k + 1, len(index)))
     rows, titles, colors, names = [], [], [], []
     for n, (query, matches) in enumerate(zip(queries, found, strict=True)):
         own = rows_by_path.get(Path(query).resolve())

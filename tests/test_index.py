@@ -14,7 +14,7 @@ import pytest
 import siamese.search.faiss
 from siamese import atomic
 from siamese.catalog import load_catalog
-from siamese.embed import describe, embed_catalog, embed_images
+from siamese.embed import Embedder, describe, embed_catalog, embed_images
 from siamese.errors import SiameseError
 from siamese.index import Index
 from siamese.models import build_embedding
@@ -408,9 +408,10 @@ def test_query_images_through_the_model_that_built_the_index(tmp_path, small_mod
     catalog = load_catalog(solid_catalog(tmp_path, {"a": (3, []), "b": (2, ["x"]), "c": (2, [])}), tmp_path)
     embeddings = embed_catalog(small_model, catalog, batch_size=3, progress=False, workers=1)
     np.testing.assert_allclose(embeddings, embed_images(small_model, list(catalog.paths)), atol=1e-6)
-    index = Index.from_catalog(catalog, embeddings, engine="brute", model=describe(small_model, "test").to_dict())
-    index.check_model(small_model, describe(small_model, "test"))
-    found = index.query([catalog.paths[3], catalog.paths[3].read_bytes()], k=2)
+    embedder = Embedder(small_model, describe(small_model, "test"), {})
+    index = Index.from_catalog(catalog, embeddings, engine="brute", model=embedder.info.to_dict())
+    embedder.check(index)
+    found = embedder.search(index, [catalog.paths[3], catalog.paths[3].read_bytes()], k=2)
     for matches in found:
         assert (matches[0].item, matches[0].filename, matches[0].labels) == ("b", "images/b/0.png", ("x",))
         assert matches[0].similarity == pytest.approx(1.0, abs=1e-5)
@@ -422,7 +423,7 @@ def test_a_different_model_is_refused(tmp_path, small_model):
     keras.utils.set_random_seed(1)
     other = build_embedding("small_cnn", 16, 8)
     with pytest.raises(SiameseError, match=r"built by a different model \(trained.keras, 8-d.*Received: other.keras"):
-        index.check_model(other, describe(other, "other.keras"))
+        Embedder(other, describe(other, "other.keras"), {}).check(index)
     wider = build_embedding("small_cnn", 16, 4)
     with pytest.raises(SiameseError, match="different model.*Received: wide, 4-d"):
-        index.check_model(wider, describe(wider, "wide"))
+        Embedder(wider, describe(wider, "wide"), {}).check(index)

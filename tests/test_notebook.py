@@ -10,7 +10,7 @@ import nbformat
 import papermill
 import pytest
 
-from siamese.embed import load_embedder
+from siamese.embed import Embedder
 from siamese.index import Index
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "train_siamese.ipynb"
@@ -47,4 +47,4 @@ def test_notebook_runs_on_digits(digits, tmp_path):
     assert h5py.is_hdf5(checkpoint)
     assert (export_dir / "1" / "saved_model.pb").is_file()
     index = Index.load(index_dir)
-    assert len(index) == 1437 and index.model["fingerprint"] == load_embedder(str(checkpoint))[1].fingerprint
+    assert len(index) == 1437 and index.model["fingerprint"] == Embedder.load(checkpoint).info.fingerprint

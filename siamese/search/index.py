@@ -100,7 +100,6 @@ class Index:
         self.items = list(items)
         self.filenames = list(filenames)
         self.labels = [tuple(x) for x in labels]
-        self._model_cache = None
 
     def _set_metadata(self, model, embedder, source, part) -> None:
         self.model = model or {}
@@ -198,35 +197,6 @@ class Index:
             Match(int(i), self.items[i], self.filenames[i], self.labels[i], float(d), float(1 - d * d / 2))
             for d, i in zip(distances, indices, strict=True)
         ]
-
-    def load_model(self):
-        """The embedding network recorded by the index (loaded once), checked against its fingerprint."""
-        if self._model_cache is None:
-            from siamese.embed import load_embedder
-
-            if not self.embedder:
-                raise SiameseError("This index does not record its model. Fix: pass the model (--keras-model).")
-            self.check_model(*load_embedder(**self.embedder))
-        return self._model_cache
-
-    def check_model(self, model, info) -> None:
-        """Refuse a model other than the one that built the index; remember it for `query`."""
-        want = self.model.get("fingerprint")
-        if info.embedding_dim != self.dim or (want and info.fingerprint != want):
-            raise SiameseError(
-                f"The index was built by a different model ({self.model.get('source', 'unknown')}, "
-                f"{self.dim}-d, fingerprint {str(want)[:12]}). Received: {info.source}, {info.embedding_dim}-d, "
-                f"fingerprint {info.fingerprint[:12]}. Fix: query with the model that built the index, or "
-                "rebuild the index with this one."
-            )
-        self._model_cache = model
-
-    def query(self, images: Sequence, k: int = 10, by_item: bool = False, **knob: int | None) -> list[list[Match]]:
-        """The `k` nearest images (or items, `by_item`) of each image file or encoded bytes in `images`;
-        `knob` as `kneighbors`."""
-        from siamese.embed import embed_images
-
-        return self.search(embed_images(self.load_model(), images), k, by_item, **knob)
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the index to `directory` (created if needed; see `siamese.search.store`) and return the folder.

@@ -39,7 +39,7 @@ FORMAT_VERSION = 2
 """Version 2 added approximate engines, recall and shard parts; version 1 folders (balltree, brute) still load."""
 NORM_TOLERANCE = 1e-3
 EMBEDDER_KEYS = frozenset({"keras_model", "backbone", "weights", "image_size"})
-"""What index.json's embedder may hold: the keyword arguments of `siamese.embed.load_embedder`."""
+"""What index.json's embedder may hold: the keyword arguments of `siamese.embed.Embedder.load` (its `recipe`)."""
 
 
 def save(index: Index, directory: str | os.PathLike) -> Path:
