@@ -10,7 +10,7 @@ as an index of a million images is built, and querying ("build peak"), and loadi
 querying it ("serve peak"). Index MiB: the saved embeddings and engine files.
 Recall@10 is measured on the queries against an exact float64 search. Queries/s: the best of 3 runs, or of one
 when they take over 20 s; an engine whose 1,000 queries would take over a minute answers as many as fit in one.
-Figures go in README.md.
+Figures go in docs/benchmarks.md.
 
     .venv/bin/python benchmarks/index.py [--rows 100000 [1000000 ...]] [--engines brute hnsw ...]
 """
@@ -27,8 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-ENGINES = ("balltree", "brute", "hnsw", "faiss", "faiss-flat")
-"""siamese's backends, and faiss-flat: FAISS's IndexFlatL2 used directly, the reference."""
+from siamese.search import ENGINES as SEARCH_ENGINES
+
+ENGINES = (*SEARCH_ENGINES, "faiss-flat")
+"""siamese's engines (every registered one), and faiss-flat: FAISS's IndexFlatL2 used directly, the reference."""
 
 
 def unit_vector_blocks(n: int, dim: int, seed: int, intrinsic: int = 0) -> Iterator[np.ndarray]:

@@ -72,8 +72,8 @@ def main() -> None:
 
     from siamese.catalog import load_catalog
     from siamese.datasets import make_dataset
-    from siamese.evaluate import precision_at_1
     from siamese.pipeline import decoded_images
+    from siamese.retrieval import precision_at_1
 
     if not (args.work / "test.json").exists():
         print(f"writing Fashion-MNIST to {args.work} ...", flush=True)

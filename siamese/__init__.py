@@ -24,6 +24,7 @@ _API = {
     "train": "siamese.training",
     "Embedder": "siamese.embed",
     "Index": "siamese.index",
+    "evaluate": "siamese.embed",
     "export_savedmodel": "siamese.export",
     "folder_similarity": "siamese.similarity",
     "make_dataset": "siamese.datasets",

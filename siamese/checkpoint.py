@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from siamese import atomic
-from siamese.evaluate import retrieval_metrics
+from siamese.retrieval import retrieval_metrics
 
 
 def sidecar(checkpoint: str | os.PathLike, kind: str) -> Path:
@@ -69,7 +69,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
 
 class RetrievalMetrics(keras.callbacks.Callback):
     """Adds `val_precision_at_1` and `val_map_at_r` to each epoch's logs: leave-one-out retrieval among held-out
-    images (`siamese.evaluate.retrieval_metrics`). With `initial`, also measures the untrained network when
+    images (`siamese.retrieval.retrieval_metrics`). With `initial`, also measures the untrained network when
     training begins, as `self.initial`."""
 
     def __init__(self, embedding: keras.Model, images: np.ndarray, items: np.ndarray, batch_size: int,

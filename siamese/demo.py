@@ -117,12 +117,10 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
 
     embedder = Embedder.load(checkpoint)
     with _step(seconds, "4. Evaluate on the test images: the trained model against the network it started from"):
-        results = evaluate_models(test_catalog, checkpoint, pixels=False, seed=config.seed, progress=False)
+        results = evaluate_models(test_catalog, checkpoint, pixels=False, ks=(5,), seed=config.seed, progress=False)
         evaluations = dict(zip(("trained", "untrained"), (e for _, e in results), strict=True))
         for name, e in evaluations.items():
-            m = e.metrics
-            print(f"  {name:<10} precision@1 {m['precision_at_1']:.4f}  R-precision {m['r_precision']:.4f}  "
-                  f"MAP@R {m['map_at_r']:.4f}  recall@5 {m['recall_at_5']:.4f}")
+            print(f"  {name:<10} {e.figures()}")
         threshold = evaluations["trained"].threshold
         print(f"Same item when distance <= {threshold.distance:.3f}: precision {threshold.precision:.3f}, "
               f"recall {threshold.recall:.3f}")

@@ -20,10 +20,10 @@ from siamese.catalog import Catalog
 from siamese.checkpoint import sidecar
 from siamese.config import PRETRAINED_BACKBONE
 from siamese.errors import SiameseError
-from siamese.evaluate import Evaluation, evaluate_embeddings
 from siamese.images import ImageDecodeError, ImageSource, decode_image
 from siamese.models import build_embedding, load_embedding, model_fingerprint
 from siamese.pipeline import Cache, decoded_images, image_dataset
+from siamese.retrieval import Evaluation, evaluate_embeddings, metric_title
 from siamese.search import Engine, Index, Match
 from siamese.util import parallel_map, plural
 
@@ -180,6 +180,17 @@ def pixel_embeddings(catalog: Catalog, image_size: int, progress: bool = True) -
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
+def evaluate(
+    embedder: Embedder, catalog: Catalog, ks: Sequence[int] = (1, 5, 10), pairs: int = 4096, seed: int = 0,
+    batch_size: int = 64, progress: bool = True,
+) -> Evaluation:
+    """How well `embedder` finds the right item among `catalog`'s (leave-one-out precision@1, R-precision,
+    MAP@R, recall@`ks`) and its "same item?" threshold calibrated on `pairs` drawn with `seed`; evaluate on items
+    training never saw to judge how it generalises, beside its baselines (`evaluate_models`)."""
+    embeddings = embed_catalog(embedder.model, catalog, batch_size, progress=progress)
+    return evaluate_embeddings(embeddings, catalog, ks, pairs, seed)
+
+
 def evaluate_models(
     catalog: Catalog, keras_model: str | os.PathLike | None = None, backbone: str = PRETRAINED_BACKBONE,
     weights: str | None = "imagenet", image_size: int | None = None, *, baseline: bool = True,
@@ -199,10 +210,8 @@ def evaluate_models(
             models.append(untrained_like(keras_model))
         except SiameseError as e:
             warnings.warn(f"no untrained baseline: {e}", UserWarning, stacklevel=2)
-    results = []
-    for model, info in models:
-        embeddings = embed_catalog(model, catalog, batch_size, progress=progress)
-        results.append((info, evaluate_embeddings(embeddings, catalog, ks, pairs, seed)))
+    results = [(info, evaluate(Embedder(model, info, {}), catalog, ks, pairs, seed, batch_size, progress))
+               for model, info in models]
     if pixels:
         size = models[0][1].image_size
         embeddings = pixel_embeddings(catalog, size, progress=progress)
@@ -223,16 +232,12 @@ def format_evaluations(results: list[tuple[ModelInfo, Evaluation]], catalog: Cat
     lines = [f"Retrieval among {plural(len(catalog), 'item')} ({first.metrics['queries']:,} query images, "
              "leave-one-out):"]
     names = [k for k in first.metrics if k != "queries"]
-    titles = {"precision_at_1": "precision@1", "r_precision": "R-precision", "map_at_r": "MAP@R"}
     sources = [_shown(info.source) for info, _ in results]
     width = min(60, max(len(source) for source in sources))
-    lines.append(f"  {'model':<{width}}" + "".join(f"{titles.get(n, n.replace('_at_', '@')):>13}" for n in names))
+    lines.append(f"  {'model':<{width}}" + "".join(f"{metric_title(n):>13}" for n in names))
     for source, (_, e) in zip(sources, results, strict=True):
         lines.append(f"  {source[-width:]:<{width}}" + "".join(f"{e.metrics[n]:>13.4f}" for n in names))
-    t = first.threshold
-    lines.append(f"Same item when distance <= {t.distance:.4f} (cosine >= {1 - t.distance**2 / 2:.4f}): precision "
-                 f"{t.precision:.4f}, recall {t.recall:.4f}, F1 {t.f1:.4f} on {t.positives + t.negatives:,} pairs "
-                 f"({t.positives:,} same-item), calibrated on this catalog")
+    lines.append(f"{str(first.threshold).capitalize()}, calibrated on this catalog")
     return "\n".join(lines)
 
 

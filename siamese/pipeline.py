@@ -14,6 +14,7 @@ import json
 import math
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Literal
 
@@ -113,7 +114,15 @@ def _batch_loader(
 
         def load(indices: np.ndarray) -> np.ndarray:
             chunks = [list(paths[c]) for c in np.array_split(indices, workers) if len(c)]
-            parts = list(pool.map(decode_images, chunks, [image_size] * len(chunks)))
+            try:
+                parts = list(pool.map(decode_images, chunks, [image_size] * len(chunks)))
+            except BrokenProcessPool:
+                _decoder_pool.cache_clear()  # the next dataset starts a fresh pool
+                raise SiameseError(
+                    "The image-decoding processes died. Python runs a script again in each worker process, so a "
+                    "script that calls siamese must keep its work under `if __name__ == \"__main__\":`; or they "
+                    "were killed for memory. Fix: guard the script's work, or pass workers=1."
+                ) from None
             return np.concatenate(parts) if parts else np.empty((0, *spec), np.uint8)
 
         return load

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from siamese.catalog import Catalog
-from siamese.evaluate import Evaluation
 from siamese.images import decode_image
 from siamese.pairs import Pairs
+from siamese.retrieval import Evaluation
 
 
 def image_grid(rows: Sequence[Sequence[np.ndarray]], row_titles: Sequence[str] = (),

@@ -253,7 +253,7 @@ def test_evaluate_reports_the_model_its_untrained_baseline_and_raw_pixels(workdi
     assert baseline["model"]["source"] == "untrained copy of the architecture (random weights, seed 0)"
     assert baseline["model"]["fingerprint"] != model_report["model"]["fingerprint"]
 
-    from siamese.evaluate import retrieval_metrics
+    from siamese.retrieval import retrieval_metrics
 
     catalog = load_catalog(workdir / "data" / "labeled.json", workdir / "data")
     model = keras.saving.load_model(workdir / "checkpoints" / "file_saved_by_notebook.hdf5")

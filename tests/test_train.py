@@ -20,10 +20,10 @@ from siamese.catalog import load_catalog
 from siamese.checkpoint import sidecar
 from siamese.config import TrainConfig
 from siamese.errors import SiameseError
-from siamese.evaluate import precision_at_1
 from siamese.images import BadImagesError
 from siamese.models import build_embedding
 from siamese.pipeline import decoded_images
+from siamese.retrieval import precision_at_1
 from siamese.training import train
 
 pytestmark = pytest.mark.slow  # trains or runs end to end: make test runs it, make test-fast not
@@ -246,8 +246,8 @@ def test_augmented_training_exports_the_pixels_it_validates_on(digits, tmp_path)
     embeds held-out images as validation measured them, and its SavedModel gives the same embeddings."""
     import tensorflow as tf
 
-    from siamese.evaluate import retrieval_metrics
     from siamese.export import export_savedmodel
+    from siamese.retrieval import retrieval_metrics
 
     config = digits_config(digits, tmp_path / "augmented.keras", epochs=2, pairs_per_epoch=4096, val_images=10_000,
                            val_labeled_data=str(digits / "test.json"), augment=True)

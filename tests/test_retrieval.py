@@ -10,8 +10,8 @@ import pytest
 
 from siamese.catalog import Catalog, Item
 from siamese.errors import SiameseError
-from siamese.evaluate import calibrate_threshold, nearest, pair_distances, precision_at_1, retrieval_metrics
 from siamese.pairs import PairSampler
+from siamese.retrieval import calibrate_threshold, nearest, pair_distances, precision_at_1, retrieval_metrics
 
 
 def slow_retrieval(embeddings: np.ndarray, items: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:

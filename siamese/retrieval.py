@@ -135,6 +135,12 @@ def pair_distances(embeddings: np.ndarray, first: np.ndarray, second: np.ndarray
     return np.linalg.norm(embeddings[first] - embeddings[second], axis=1)
 
 
+def metric_title(name: str) -> str:
+    """A metric's name for people: precision_at_1 -> "precision@1", map_at_r -> "MAP@R", recall_at_5 -> "recall@5"."""
+    titles = {"precision_at_1": "precision@1", "r_precision": "R-precision", "map_at_r": "MAP@R"}
+    return titles.get(name, name.replace("_at_", "@"))
+
+
 @dataclass(frozen=True)
 class Threshold:
     """A "same item?" rule, distance <= `distance`, and how it scores on the pairs it was calibrated on
@@ -150,6 +156,11 @@ class Threshold:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def __str__(self) -> str:
+        return (f"same item when distance <= {self.distance:.4f} (cosine >= {1 - self.distance**2 / 2:.4f}): "
+                f"precision {self.precision:.4f}, recall {self.recall:.4f}, F1 {self.f1:.4f} on "
+                f"{self.positives + self.negatives:,} pairs ({self.positives:,} same-item)")
 
 
 def calibrate_threshold(distances: np.ndarray, same: np.ndarray) -> Threshold:
@@ -209,6 +220,15 @@ class Evaluation:
 
     def to_dict(self) -> dict:
         return {"metrics": self.metrics, "threshold": self.threshold.to_dict()}
+
+    def figures(self) -> str:
+        """The retrieval figures on one line, e.g. "precision@1 0.8886  R-precision 0.8352  MAP@R 0.7930 ..."."""
+        shown = [(name, value) for name, value in self.metrics.items() if name != "queries"]
+        return "  ".join(f"{metric_title(name)} {value:.4f}" for name, value in shown)
+
+    def __str__(self) -> str:
+        return (f"{self.figures()} ({self.metrics['queries']:,} query images, leave-one-out); "
+                f"{self.threshold}")
 
 
 def evaluate_embeddings(embeddings: np.ndarray, catalog: Catalog, ks: Sequence[int] = (1, 5, 10),
