@@ -31,6 +31,7 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.slow  # over 5 s: make test runs it, make test-fast not
 def test_seed_export_savedmodel_with_a_trained_model(workdir, run_cli):
     code, out, err = run_cli("--export", "savedmodel", "--keras-model", "checkpoints/file_saved_by_notebook.hdf5")
     assert code == 0, err
@@ -40,6 +41,7 @@ def test_seed_export_savedmodel_with_a_trained_model(workdir, run_cli):
     assert code == 0 and (workdir / "exports" / "savedmodel" / "2" / "saved_model.pb").is_file()
 
 
+@pytest.mark.slow  # over 5 s: make test runs it, make test-fast not
 def test_seed_export_savedmodel_of_a_pretrained_backbone(workdir, run_cli):
     code, _, err = run_cli("--export", "savedmodel", *PRETRAINED_OFFLINE, "--output", "pretrained")
     assert code == 0, err

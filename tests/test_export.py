@@ -134,6 +134,7 @@ print(json.dumps(report))
 """
 
 
+@pytest.mark.slow  # over 5 s: make test runs it, make test-fast not
 def test_graph_decoder_decodes_or_refuses_strips_within_1_5_gigabytes_of_address_space(tmp_path):
     small = save(tmp_path / "small.png", photo(40, 30))
     files = {f"{w}x{h}": write_image(tmp_path / f"{w}x{h}.png", (200, 10, 30), (w, h))

@@ -214,6 +214,7 @@ def test_an_undecodable_query_image_is_named(job, hostile, name):
     hostile("query", "--index", "index", path, expect=(str(path.name),))
 
 
+@pytest.mark.slow  # over 5 s: make test runs it, make test-fast not
 def test_a_fifo_query_image_is_refused_at_once(job):
     os.mkfifo(job / "fifo.png")
     result = subprocess.run([sys.executable, str(ROOT / "utilities.py"), "query", "--index", "index", "fifo.png"],

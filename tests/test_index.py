@@ -253,6 +253,7 @@ print(rss("VmHWM") - before)
 """
 
 
+@pytest.mark.slow  # over 5 s: make test runs it, make test-fast not
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads peak memory from Linux's /proc")
 def test_building_hnsw_from_a_memory_map_holds_a_block_of_it_not_all(tmp_path):
     """The memory the build adds at its peak, from memory-mapped embeddings against the same loaded in memory

@@ -27,7 +27,7 @@ def run_python(code: str) -> str:
 @pytest.mark.parametrize(
     ("backbone", "size"),
     [("small_cnn", 32), ("mobilenet_v2", 32), ("efficientnet_b0", 32), ("inception_v3", 75),
-     ("inception_resnet_v2", 75)],
+     pytest.param("inception_resnet_v2", 75, marks=pytest.mark.slow)],  # 8 s: not in make test-fast
 )
 def test_every_backbone_embeds_uint8_to_unit_vectors(backbone, size):
     model = build_embedding(backbone, size, embedding_dim=16, weights="none")
@@ -88,6 +88,7 @@ def test_bad_arguments():
 SUFFIXES = (".keras", ".hdf5", ".h5")
 
 
+@pytest.mark.slow  # over 5 s: make test runs it, make test-fast not
 def test_embedding_reloads_in_a_fresh_process_without_custom_objects(tmp_path):
     model = build_embedding("small_cnn", 32, embedding_dim=8)
     paths = [tmp_path / f"embedding{suffix}" for suffix in SUFFIXES]
@@ -109,6 +110,7 @@ def test_embedding_reloads_in_a_fresh_process_without_custom_objects(tmp_path):
         assert load_embedding(path).output_shape == (None, 8)
 
 
+@pytest.mark.slow  # over 5 s: make test runs it, make test-fast not
 def test_siamese_and_triplet_models_reload_with_registered_layer_and_loss(tmp_path):
     embedding = build_embedding("small_cnn", 32, embedding_dim=8)
     model = build_siamese(embedding)

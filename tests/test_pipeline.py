@@ -186,6 +186,7 @@ def running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # over 5 s: make test runs it, make test-fast not
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc")
 def test_decoding_processes_end_when_their_parent_is_killed(digits, tmp_path):
     out = tmp_path / "family.json"
