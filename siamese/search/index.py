@@ -50,7 +50,8 @@ class Index:
     (default "balltree"; see `siamese.search.ENGINES`). Approximate engines hold out a seeded sample of rows to
     choose their query-time knob for recall (see `siamese.search.tuning`). `model` and `embedder` record which
     network made the embeddings (see `siamese.embed`); `source` which catalog they came from; `part` which shard of
-    it (see `merge_parts`). Like scikit-learn's neighbors, `kneighbors` answers vectors; `query` answers images.
+    it (see `merge_parts`). Like scikit-learn's neighbors, `kneighbors` and `search` answer vectors; images are
+    answered by `siamese.embed.Embedder.search`, so the index never loads a model.
     """
 
     def __init__(
