@@ -414,12 +414,13 @@ def _embedder(args: argparse.Namespace):
 
 
 def _export(args: argparse.Namespace) -> int:
+    from siamese.embed import shown
     from siamese.export import export_savedmodel
 
     embedder = _embedder(args)
     info = embedder.info
     path = export_savedmodel(embedder.model, args.output, args.model_version, info=info.to_dict())
-    print(f"SavedModel of {info.source} ({info.image_size} px in, {info.embedding_dim}-d out): {path}")
+    print(f"SavedModel of {shown(info.source)} ({info.image_size} px in, {info.embedding_dim}-d out): {path}")
     print("Signatures: serving_default (encoded image bytes), serve_pixels (uint8 pixels)")
     return 0
 
@@ -467,7 +468,9 @@ def _index_claimed(args: argparse.Namespace) -> int:
 
 def _print_index(index, done: str, out: Path) -> None:
     """Print what an index holds, its engine, where it went and, for approximate engines, their recall."""
-    print(f"{done} ({index.dim}-d, {index.engine}) embedded by {index.model.get('source')}: {out}")
+    from siamese.embed import shown
+
+    print(f"{done} ({index.dim}-d, {index.engine}) embedded by {shown(str(index.model.get('source')))}: {out}")
     if index.recall:
         knob = f"--{index.search_engine.knob}"
         print(f"Recall@10 {index.recall_at_10:.4f} on {plural(index.recall['queries'], 'held-out image')} "

@@ -220,8 +220,9 @@ def evaluate_models(
     return results
 
 
-def _shown(source: str) -> str:
-    """A model's source for people: a path under the working folder relative to it, anything else as it is."""
+def shown(source: str) -> str:
+    """A model's source for people (the CLI's lines, the evaluate table): a path under the working folder
+    relative to it, anything else as it is."""
     path = Path(source)
     return str(path.relative_to(Path.cwd())) if path.is_absolute() and path.is_relative_to(Path.cwd()) else source
 
@@ -232,7 +233,7 @@ def format_evaluations(results: list[tuple[ModelInfo, Evaluation]], catalog: Cat
     lines = [f"Retrieval among {plural(len(catalog), 'item')} ({first.metrics['queries']:,} query images, "
              "leave-one-out):"]
     names = [k for k in first.metrics if k != "queries"]
-    sources = [_shown(info.source) for info, _ in results]
+    sources = [shown(info.source) for info, _ in results]
     width = min(60, max(len(source) for source in sources))
     lines.append(f"  {'model':<{width}}" + "".join(f"{metric_title(n):>13}" for n in names))
     for source, (_, e) in zip(sources, results, strict=True):

@@ -36,7 +36,7 @@ def test_seed_export_savedmodel_with_a_trained_model(workdir, run_cli):
     code, out, err = run_cli("--export", "savedmodel", "--keras-model", "checkpoints/file_saved_by_notebook.hdf5")
     assert code == 0, err
     assert (workdir / "exports" / "savedmodel" / "1" / "saved_model.pb").is_file()
-    assert "exports/savedmodel/1" in out
+    assert "SavedModel of checkpoints/file_saved_by_notebook.hdf5 (16 px in, 8-d out): exports/savedmodel/1" in out
     code, out, err = run_cli("--export", "savedmodel", "--keras-model", "checkpoints/file_saved_by_notebook.hdf5")
     assert code == 0 and (workdir / "exports" / "savedmodel" / "2" / "saved_model.pb").is_file()
 
@@ -53,7 +53,8 @@ def test_seed_index_commands_with_a_trained_model_then_query(workdir, run_cli):
     code, out, err = run_cli("--export", "balltree", "--keras-model", "checkpoints/file_saved_by_notebook.hdf5",
                              "--labeled-data", "data/labeled.json", "--image-dir", "data", "--no-progress")
     assert code == 0, err
-    assert "Indexed 7 images of 3 items (8-d, balltree)" in out
+    assert ("Indexed 7 images of 3 items (8-d, balltree) embedded by checkpoints/file_saved_by_notebook.hdf5: "
+            "exports/index") in out
     index = Index.load(workdir / "exports" / "index")
     assert index.backend == "balltree" and index.items == ["a"] * 3 + ["b"] * 2 + ["c"] * 2
     catalog = load_catalog(workdir / "data" / "labeled.json", workdir / "data")
