@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 
 from siamese.errors import SiameseError
-from siamese.util import plural
+from siamese.util import NotRegularFileError, open_regular, plural
 
 MAX_CATALOG_BYTES = 1 << 30
 """Largest labeled-data file we read (1 GiB): bigger is almost surely the wrong file."""
@@ -168,10 +168,6 @@ def _object_hook(pairs: list[tuple[str, object]]) -> _JsonObject:
     return obj
 
 
-_FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFCHR: "a character device",
-               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
-
-
 def _open_error(e: OSError, shown: str) -> SiameseError:
     """The `SiameseError` for failing to open the labeled data at `shown`."""
     if e.errno in (errno.ENOENT, errno.ENOTDIR):
@@ -191,26 +187,22 @@ def _open_error(e: OSError, shown: str) -> SiameseError:
 def _read_json(path: Path) -> object:
     """Parse the labeled data: a regular file of at most `MAX_CATALOG_BYTES`, UTF-8 JSON."""
     shown = _clip(str(path), 200)
-    try:  # O_NONBLOCK: a FIFO must not wait for a writer; fstat on the open file refuses it without a race
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        f, info = open_regular(path)
+    except NotRegularFileError as e:
+        raise SiameseError(f"Expected a JSON file for --labeled-data. Received: {e.kind}: {shown}. "
+                           "Fix: pass the catalog's JSON file.") from None
     except OSError as e:
         raise _open_error(e, shown) from None
     too_big = (f"{shown} holds more than {MAX_CATALOG_BYTES:,} bytes, the limit for labeled data. "
                "Fix: check that --labeled-data names the catalog JSON, or split the catalog.")
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            kind = _FILE_KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
-            raise SiameseError(f"Expected a JSON file for --labeled-data. Received: {kind}: {shown}. "
-                               "Fix: pass the catalog's JSON file.")
+    with f:
         if info.st_size > MAX_CATALOG_BYTES:
             raise SiameseError(too_big)
-        with open(fd, "rb", closefd=False) as f:
+        try:
             raw = f.read(MAX_CATALOG_BYTES + 1)  # the file may grow after fstat
-    except OSError as e:
-        raise _open_error(e, shown) from None
-    finally:
-        os.close(fd)
+        except OSError as e:
+            raise _open_error(e, shown) from None
     if len(raw) > MAX_CATALOG_BYTES:
         raise SiameseError(too_big)
     try:

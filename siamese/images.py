@@ -37,7 +37,7 @@ from PIL import Image, ImageOps
 from siamese import atomic
 from siamese.catalog import Catalog
 from siamese.errors import SiameseError
-from siamese.util import cache_dir, parallel_map, plural
+from siamese.util import NotRegularFileError, cache_dir, file_kind, open_regular, parallel_map, plural
 
 WHITE = (255, 255, 255)
 MAX_ASPECT_RATIO = 100  # the long side may be at most this many times the short side
@@ -50,12 +50,7 @@ class ImageDecodeError(SiameseError):
     limit or the aspect-ratio limit. The message is the reason; callers put the file's name before it."""
 
 
-_FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFCHR: "a character device",
-               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
-
-
-def _not_regular(mode: int) -> ImageDecodeError:
-    kind = _FILE_KINDS.get(stat.S_IFMT(mode), "some other kind of file")
+def _not_regular(kind: str) -> ImageDecodeError:
     return ImageDecodeError(f"not a regular file but {kind}")
 
 
@@ -72,23 +67,11 @@ def open_file(path: str | os.PathLike) -> BinaryIO:
     `fstat` on the open descriptor, so nothing can be swapped in between the check and the read.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        return open_regular(path)[0]
+    except NotRegularFileError as e:
+        raise _not_regular(e.kind) from None
     except OSError as e:
-        error = _unreadable(e)
-        if e.errno == errno.ENXIO:  # what opening a socket gives: say what it is
-            with contextlib.suppress(OSError):
-                mode = os.stat(path).st_mode
-                if not stat.S_ISREG(mode):
-                    error = _not_regular(mode)
-        raise error from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise _not_regular(mode)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+        raise _unreadable(e) from None
 
 
 @contextlib.contextmanager
@@ -255,7 +238,7 @@ def file_stamp(path: Path) -> list[int]:
     except OSError as e:
         raise _unreadable(e) from None
     if not stat.S_ISREG(st.st_mode):
-        raise _not_regular(st.st_mode)
+        raise _not_regular(file_kind(st.st_mode))
     return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 

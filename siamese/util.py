@@ -1,13 +1,18 @@
 """Small helpers every layer uses: counts in words, CPUs, a parallel map with a progress bar, the cache folder, the
-time stamps written into records. It imports nothing of siamese, so any module may import it."""
+time stamps written into records, and opening a user's file only if it is a regular one. It imports nothing of
+siamese, so any module may import it."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import os
+import stat
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 
 def plural(n: int, noun: str) -> str:
@@ -42,3 +47,47 @@ def cache_dir() -> Path:
 def utc_now() -> str:
     """The time now in UTC, ISO 8601 to the second (e.g. "2026-12-01T19:55:46+00:00"), as records write it."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFCHR: "a character device",
+              stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+def file_kind(mode: int) -> str:
+    """What a file of `st_mode` `mode` is in words, e.g. "a named pipe (FIFO)"."""
+    return FILE_KINDS.get(stat.S_IFMT(mode), "some other kind of file")
+
+
+class NotRegularFileError(Exception):
+    """`open_regular` was given a folder, a FIFO, a device or a socket; `kind` says which (see `file_kind`)."""
+
+    def __init__(self, path: str | os.PathLike, kind: str):
+        super().__init__(f"{path} is {kind}, not a regular file")
+        self.kind = kind
+
+
+def open_regular(path: str | os.PathLike) -> tuple[BinaryIO, os.stat_result]:
+    """Open a regular file for reading, with its `fstat`; raise `NotRegularFileError` at once for anything else.
+
+    The file is opened without blocking (`O_NONBLOCK`: a FIFO without a writer opens at once) and checked with
+    `fstat` on the open descriptor, so nothing can be swapped in between the check and the read. Other failures
+    raise the `OSError` of `os.open`.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        mode = None
+        if e.errno == errno.ENXIO:  # what opening a socket gives: say what it is
+            with contextlib.suppress(OSError):
+                mode = os.stat(path).st_mode
+        if mode is not None and not stat.S_ISREG(mode):
+            raise NotRegularFileError(path, file_kind(mode)) from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFileError(path, file_kind(info.st_mode))
+        return os.fdopen(fd, "rb"), info
+    except BaseException:
+        os.close(fd)
+        raise
