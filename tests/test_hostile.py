@@ -71,7 +71,7 @@ def job(world, tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture
-def hostile(job, capsys):
+def hostile(job, run_cli):
     """Run the CLI in the job folder, expecting it to refuse: returns the one line it printed to stderr.
 
     Asserts the exit status (2 unless given), no traceback, one error line that matches every pattern of
@@ -80,8 +80,7 @@ def hostile(job, capsys):
 
     def run(*argv, expect: tuple[str, ...] = (), code: int = 2, changes: bool = False) -> str:
         before = snapshot(job)
-        status = cli.main([str(a) for a in argv])
-        out, err = capsys.readouterr()
+        status, out, err = run_cli(*argv)
         lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning:")]
         assert status == code, (status, out, err)
         assert "Traceback" not in err + out
@@ -95,11 +94,9 @@ def hostile(job, capsys):
     return run
 
 
-def ok(*argv) -> str:
-    """Run the CLI, expecting success; returns what it printed."""
-    code = cli.main([str(a) for a in argv])
-    assert code == 0
-    return ""
+def ok(*argv) -> None:
+    """Run the CLI in-process, expecting success (what it prints stays in capsys for the test to read)."""
+    assert cli.main([str(a) for a in argv]) == 0
 
 
 def _catalog(job: Path, items) -> Path:
