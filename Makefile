@@ -58,7 +58,7 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python utilities.py demo --out demo
+	$(BIN)/python utilities.py demo --output demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -48,7 +48,7 @@ def catalogs(dataset: str, work: Path) -> tuple[Path, Path, Path]:
     """(image folder, training catalog, test catalog of unseen items) of `dataset`, made once under `work`."""
     folder = work / dataset
     if not (folder / "test.json").exists():
-        command = [sys.executable, "utilities.py", "make-dataset", "--source", dataset, "--out", str(folder),
+        command = [sys.executable, "utilities.py", "make-dataset", "--source", dataset, "--output", str(folder),
                    "--no-progress"]
         if dataset == "fashion-mnist":
             command += ["--limit", "20000"]
@@ -73,7 +73,7 @@ def run(dataset: str, work: Path, extra: list[str]) -> dict:
         else:
             stale.unlink()
     command = [sys.executable, "utilities.py", "train", "--labeled-data", str(train), "--image-dir", str(folder),
-               "--out", str(out), "--image-size", str(SIZES[dataset]), "--no-progress", *extra]
+               "--output", str(out), "--image-size", str(SIZES[dataset]), "--no-progress", *extra]
     print("$", " ".join(command[1:]).replace(str(work), "WORK"), flush=True)
     start = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)

@@ -1,6 +1,6 @@
 """Train the default small_cnn on Fashion-MNIST from the CLI and measure retrieval and input speed.
 
-    python benchmarks/train_fashion_mnist.py [--epochs 4] [--pairs-per-epoch 131072] [--image-size 28]
+    python benchmarks/train_fashion_mnist.py [--epochs 4] [--images-per-epoch 131072] [--image-size 28]
 
 1. make-dataset writes the 60,000 training and 10,000 test images as PNG files (once, under --work).
 2. `utilities.py train` trains small_cnn with the default settings (batch-all supcon loss, cosine learning
@@ -60,7 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "siamese-bench-fashion-mnist")
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--pairs-per-epoch", type=int, default=131072, help="images per epoch (batch-all)")
+    parser.add_argument("--images-per-epoch", type=int, default=131072, help="images per epoch (batch-all)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=28, help="Fashion-MNIST's own size (default 28)")
     parser.add_argument("--speed-steps", type=int, default=100, help="steps timed for files vs cached tensors")
@@ -83,8 +83,8 @@ def main() -> None:
     out = args.work / "fashion_mnist.keras"
 
     command = [sys.executable, "utilities.py", "train", "--labeled-data", str(args.work / "train.json"),
-               "--image-dir", str(args.work), "--out", str(out), "--val-fraction", "0", "--epochs", str(args.epochs),
-               "--pairs-per-epoch", str(args.pairs_per_epoch), "--batch-size", str(args.batch_size),
+               "--image-dir", str(args.work), "--output", str(out), "--val-fraction", "0", "--epochs", str(args.epochs),
+               "--images-per-epoch", str(args.images_per_epoch), "--batch-size", str(args.batch_size),
                "--image-size", str(args.image_size), "--no-progress", *extra]
     print("$", " ".join(command[1:]), flush=True)
     start = time.perf_counter()
@@ -115,7 +115,7 @@ def main() -> None:
     history = json.loads(out.with_name(out.stem + ".history.json").read_text())
     results = {
         "precision_at_1": p1, "raw_pixel_precision_at_1": raw_p1, "train_seconds": train_seconds,
-        "epochs": args.epochs, "pairs_per_epoch": args.pairs_per_epoch, "train_args": extra,
+        "epochs": args.epochs, "images_per_epoch": args.images_per_epoch, "train_args": extra,
         "final_loss": history[-1]["loss"],
         "images_per_second_files": from_files, "images_per_second_cached": cached,
         "cores": len(os.sched_getaffinity(0)),
@@ -124,7 +124,7 @@ def main() -> None:
     print(f"\n| figure | value |\n|---|---|\n"
           f"| precision@1, 10,000 test vs 60,000 train embeddings | {p1:.4f} |\n"
           f"| precision@1 on raw pixels (same search) | {raw_p1:.4f} |\n"
-          f"| training wall time, CLI ({args.epochs} x {args.pairs_per_epoch:,} images) | "
+          f"| training wall time, CLI ({args.epochs} x {args.images_per_epoch:,} images) | "
           f"{train_seconds / 60:.1f} min |\n"
           f"| training images/s, decoded from PNG files | {from_files:,.0f} |\n"
           f"| training images/s, cached tensors | {cached:,.0f} |\n"

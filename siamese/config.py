@@ -69,7 +69,7 @@ class TrainConfig:
     val_labeled_data: str | None = None  # a separate validation catalog instead of --val-fraction
     epochs: int = 10
     batch_size: int = 64  # pairs (triplets) per batch; images per batch with mining="batch-all"
-    pairs_per_epoch: int = 8192  # triplets per epoch with loss="triplet"; images with mining="batch-all"
+    images_per_epoch: int = 8192  # images per epoch with mining="batch-all"; pairs (triplets) with "pairs"
     val_pairs: int = 1024
     val_images: int = 2000  # held-out images used for precision@1 (a seeded sample when there are more)
     backbone: str = "small_cnn"

@@ -30,7 +30,7 @@ class DemoConfig:
     source: str = "auto"  # fashion-mnist, digits, or auto: Fashion-MNIST if it can be had, else digits
     images: int = 10_000  # Fashion-MNIST images used of each split, training and test (digits has 1,437 + 360)
     epochs: int = 6
-    pairs_per_epoch: int = 32_768  # images drawn each epoch (batch-all mining)
+    images_per_epoch: int = 32_768  # images drawn each epoch (batch-all mining)
     batch_size: int = 128
     queries: int = 6  # test images queried, one per item
     similarity_images: int = 8
@@ -106,12 +106,12 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
         print(f"train: {train_catalog.summary()}\ntest: {test_catalog.summary()}")
 
     checkpoint = out / "checkpoints" / f"{source}.keras"
-    with _step(seconds, f"3. Train small_cnn on the CPU ({config.epochs} epochs x {config.pairs_per_epoch:,} images, "
+    with _step(seconds, f"3. Train small_cnn on the CPU ({config.epochs} epochs x {config.images_per_epoch:,} images, "
                "every pair of each batch, the test images as validation)"):
         result = train(TrainConfig(
             labeled_data=str(written["train"]), image_dir=str(image_dir), out=str(checkpoint),
             val_labeled_data=str(written["test"]), epochs=config.epochs, batch_size=config.batch_size,
-            pairs_per_epoch=config.pairs_per_epoch, image_size=size, seed=config.seed,
+            images_per_epoch=config.images_per_epoch, image_size=size, seed=config.seed,
         ), verbose="auto" if progress else 2)
         print(f"Best {result.monitor} {result.best:.4f} at epoch {result.best_epoch}: {checkpoint}")
 

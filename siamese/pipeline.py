@@ -162,13 +162,14 @@ def _rows(shard: tuple[int, int], batch_size: int) -> tuple[int, int]:
     return i * batch_size // n, (i + 1) * batch_size // n
 
 
-def steps_per_epoch(pairs_per_epoch: int, batch_size: int) -> int:
-    """Whole batches per epoch: `pairs_per_epoch` rounded up to a multiple of `batch_size`."""
+def steps_per_epoch(per_epoch: int, batch_size: int) -> int:
+    """Whole batches per epoch: `per_epoch` examples (images, pairs or triplets) rounded up to a multiple of
+    `batch_size`."""
     if batch_size < 1:
         raise SiameseError(f"Expected --batch-size >= 1. Received: {batch_size}")
-    if pairs_per_epoch < 2:
-        raise SiameseError(f"Expected --pairs-per-epoch >= 2. Received: {pairs_per_epoch}")
-    return max(1, math.ceil(pairs_per_epoch / batch_size))
+    if per_epoch < 2:
+        raise SiameseError(f"Expected `images_per_epoch` >= 2. Received: {per_epoch}")
+    return max(1, math.ceil(per_epoch / batch_size))
 
 
 def pair_dataset(

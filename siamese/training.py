@@ -201,9 +201,9 @@ def _train(config: TrainConfig, verbose: int | str, gpus: list, strategy, out: P
         start_epoch = backup.saved_epoch()
         if config.loss == "triplet":
             sampler.triplets(0, 2)  # a catalog that cannot give triplets fails here, not inside fit
-        stream = _stream(config, strategy, sampler, config.pairs_per_epoch, start_epoch=start_epoch, cache=cache,
+        stream = _stream(config, strategy, sampler, config.images_per_epoch, start_epoch=start_epoch, cache=cache,
                          images=train_images)
-        steps = steps_per_epoch(config.pairs_per_epoch, config.batch_size)
+        steps = steps_per_epoch(config.images_per_epoch, config.batch_size)
 
         with strategy.scope():
             embedding = build_embedding(config.backbone, size, config.embedding_dim, config.weights,

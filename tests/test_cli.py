@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,59 @@ def test_validate_does_not_promise_what_train_refuses(tmp_path, run_cli):
     assert code == 1 and "OK" not in out
     assert "error: the training items: No positive pairs: none of the 3 items has two or more images. Fix:" in out
     assert err == f"{path}: the training items give no pairs to learn from; fix them and run validate again.\n"
+
+
+@pytest.mark.parametrize(("argv", "dest", "value"), [
+    (["train", "--labeled-data", "c.json", "--image-dir", "d", "--out", "m.keras"], "out", "m.keras"),
+    (["train", "--labeled-data", "c.json", "--image-dir", "d", "--pairs-per-epoch", "100"], "images_per_epoch", 100),
+    (["similarity", "--image-dir", "d", "--out", "sims"], "out", "sims"),
+    (["similarity", "--image-dir", "d", "--output", "sims", "--top-k", "3"], "top_k", 3),
+    (["index", "--labeled-data", "c.json", "--image-dir", "d", "--index", "hnsw"], "engine", "hnsw"),
+    (["merge-index", "p1", "--output", "o", "--index", "brute"], "engine", "brute"),
+    (["make-dataset", "--source", "digits", "--out", "data"], "out", "data"),
+    (["demo", "--out", "d", "--pairs-per-epoch", "64"], "images_per_epoch", 64),
+])
+def test_old_spellings_still_work_with_a_deprecation_note(capsys, argv, dest, value):
+    parser = build_parser()
+    new = {"--out": "--output", "--pairs-per-epoch": "--images-per-epoch", "--top-k": "--k", "--index": "--engine"}
+    old = [a for a in argv if a in new]
+    assert getattr(parser.parse_args(argv), dest) == value
+    assert capsys.readouterr().err == "".join(f"utilities.py {argv[0]}: warning: {o} is deprecated; use {new[o]}\n"
+                                              for o in old)
+    for o in old:
+        assert f"{o} " not in parser.commands[argv[0]].format_help()  # hidden from --help
+
+
+def test_query_keeps_index_as_the_index_folder():
+    args = build_parser().parse_args(["query", "--index", "exports/index", "q.png", "--k", "3"])
+    assert (args.index, args.k, args.images) == ("exports/index", 3, ["q.png"])
+
+
+@pytest.mark.parametrize(("command", "message", "expected"), [
+    ("index", "Expected `leaf_size` >= 1. Received: 0", "Expected --leaf-size >= 1. Received: 0"),
+    ("index", "Expected `engine` to be one of balltree. Received: 'x'", "Expected --engine to be one of balltree. "
+     "Received: 'x'"),
+    ("train", "Expected `out` to end in .keras. Fix: pass `weights='none'`", "Expected --output to end in .keras. "
+     "Fix: pass --weights none"),
+    ("similarity", "Expected `top_k` >= 1", "Expected --k >= 1"),
+    ("query", "Expected 1 <= `ef` <= 10", "Expected 1 <= --ef <= 10"),
+    ("validate", "Fix: pass `on_bad_image='skip'` or check `labeled_data`", "Fix: pass --on-bad-image skip or check "
+     "--labeled-data"),
+    ("validate", "`leaf_size` and `python utilities.py index`", "`leaf_size` and `python utilities.py index`"),
+])
+def test_library_parameters_become_the_commands_flags(command, message, expected):
+    from siamese.cli.common import translate
+
+    assert translate(message, build_parser().commands[command]) == expected
+
+
+@pytest.mark.parametrize("command", ["validate", "make-dataset", "merge-index"])
+def test_commands_that_need_no_tensorflow_do_not_import_it(tmp_path, command):
+    argv = {"validate": ["validate", "--labeled-data", "missing.json", "--image-dir", "."],
+            "make-dataset": ["make-dataset", "--source", "digits", "--output", "digits", "--limit", "10"],
+            "merge-index": ["merge-index", "missing", "--output", "merged"]}[command]
+    code = (f"import sys; from siamese.cli import main; main({argv!r}); "
+            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.stdout.splitlines()[-1] == "[]", result.stderr

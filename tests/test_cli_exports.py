@@ -79,7 +79,7 @@ def test_seed_index_commands_with_a_trained_model_then_query(workdir, run_cli):
 
 def test_seed_index_commands_with_a_pretrained_backbone_and_brute(workdir, run_cli):
     code, out, err = run_cli("--export", "balltree", "--labeled-data", "data/labeled.json", "--image-dir", "data",
-                             *PRETRAINED_OFFLINE, "--index", "brute", "--output", "brute", "--no-progress")
+                             *PRETRAINED_OFFLINE, "--engine", "brute", "--output", "brute", "--no-progress")
     assert code == 0, err
     assert "(1280-d, brute) embedded by pretrained mobilenet_v2 (weights none)" in out
     code, out, err = run_cli("query", "--index", "brute", "data/images/c/0.png", "--k", "1")
@@ -90,12 +90,12 @@ def test_seed_index_commands_with_a_pretrained_backbone_and_brute(workdir, run_c
 def test_hnsw_and_faiss_indexes_report_their_recall_and_take_ef_and_nprobe(workdir, run_cli):
     args = ("index", "--keras-model", "checkpoints/file_saved_by_notebook.hdf5", "--labeled-data", "data/labeled.json",
             "--image-dir", "data", "--no-progress")
-    code, out, err = run_cli(*args, "--index", "hnsw", "--output", "hnsw", "--hnsw-m", "8", "--ef-construction", "50")
+    code, out, err = run_cli(*args, "--engine", "hnsw", "--output", "hnsw", "--hnsw-m", "8", "--ef-construction", "50")
     assert code == 0, err
     assert "(8-d, hnsw (M 8, ef_construction 50, ef 16)) embedded by" in out
     assert "Recall@10 1.0000 on 7 held-out images (target 0.99); query with --ef N" in out
     assert Index.load(workdir / "hnsw").recall_at_10 == 1.0
-    code, out, err = run_cli(*args, "--index", "faiss", "--output", "faiss", "--nlist", "2")
+    code, out, err = run_cli(*args, "--engine", "faiss", "--output", "faiss", "--nlist", "2")
     assert code == 0, err
     assert "(8-d, faiss IndexIVFFlat (nlist 2, nprobe 2)) embedded by" in out and "query with --nprobe N" in out
     query = "data/images/b/1.png"
@@ -114,7 +114,7 @@ SHARD_ARGS = ("--keras-model", "checkpoints/file_saved_by_notebook.hdf5", "--lab
 
 
 def test_shards_merge_into_the_index_of_the_whole_catalog_byte_for_byte(workdir, run_cli):
-    code, out, err = run_cli("index", *SHARD_ARGS, "--index", "brute", "--output", "whole")
+    code, out, err = run_cli("index", *SHARD_ARGS, "--engine", "brute", "--output", "whole")
     assert code == 0, err
     # 7 images make 4 batches of 2: shards of images 0-2, 2-4 and 4-7 (item a's 3 images are cut in two)
     code, out, err = run_cli("--export", "balltree", *SHARD_ARGS, "--shard", "1/3", "--output", "parts/1")
@@ -127,7 +127,7 @@ def test_shards_merge_into_the_index_of_the_whole_catalog_byte_for_byte(workdir,
         "shard": 3, "shards": 3, "batch_size": 2, "rows": [4, 7], "images": 7,
         "catalog_sha256": json.loads((workdir / "whole" / "index.json").read_text())["source"]["sha256"]}
 
-    code, out, err = run_cli("merge-index", "parts/3", "parts/1", "parts/2", "--output", "merged", "--index", "brute")
+    code, out, err = run_cli("merge-index", "parts/3", "parts/1", "parts/2", "--output", "merged", "--engine", "brute")
     assert code == 0, err
     assert "Merged 3 parts: 7 images of 3 items (8-d, brute) embedded by" in out
     whole, merged = (json.loads((workdir / name / "index.json").read_text()) for name in ("whole", "merged"))
@@ -143,7 +143,7 @@ def test_shards_merge_into_the_index_of_the_whole_catalog_byte_for_byte(workdir,
     assert isinstance(joined.base, np.memmap) and np.array_equal(joined, Index.load(workdir / "whole").embeddings)
 
     code, out, err = run_cli("merge-index", "parts/1", "parts/2", "parts/3", "--output", "merged_hnsw",
-                             "--index", "hnsw")
+                             "--engine", "hnsw")
     assert code == 0 and "hnsw (M 16, ef_construction 200, ef 16)" in out and "Recall@10" in out
     assert run_cli("merge-index", "parts/1", "parts/2", "parts/3", "--output", "default")[0] == 0
     assert Index.load(workdir / "default").backend == "balltree"  # the parts'
@@ -154,9 +154,9 @@ def test_a_finished_shard_is_skipped_and_a_changed_one_redone(workdir, run_cli):
     written = (workdir / "part" / "index.json").stat().st_mtime_ns
     code, out, err = run_cli("index", *SHARD_ARGS, "--shard", "2/3", "--output", "part")
     assert code == 0, err
-    assert out.splitlines() == ["Skipped shard 2/3: part already holds it (same model, catalog, shard and --index)"]
+    assert out.splitlines() == ["Skipped shard 2/3: part already holds it (same model, catalog, shard and --engine)"]
     assert (workdir / "part" / "index.json").stat().st_mtime_ns == written
-    for changed in (("--shard", "3/3"), ("--shard", "2/3", "--index", "brute")):
+    for changed in (("--shard", "3/3"), ("--shard", "2/3", "--engine", "brute")):
         code, out, err = run_cli("index", *SHARD_ARGS, *changed, "--output", "part")
         assert code == 0 and out.startswith("Indexed shard"), err
 
@@ -237,7 +237,7 @@ def test_similarity_command_like_imagesim(workdir, run_cli):
     images = workdir / "imagesim_images"
     for n, color in enumerate([(200, 30, 30), (190, 40, 35), (20, 30, 200), (25, 35, 190)]):
         write_image(images / f"{'cabin' if n < 2 else 'modern'}{n % 2}.jpg", color, size=(48, 32), fmt="JPEG")
-    code, out, err = run_cli("similarity", "--image-dir", images, "--out", "imagesim_out",
+    code, out, err = run_cli("similarity", "--image-dir", images, "--output", "imagesim_out",
                              "--keras-model", "checkpoints/file_saved_by_notebook.hdf5", "--no-progress")
     assert code == 0, err
     assert "Wrote 4 similarity files" in out

@@ -36,7 +36,7 @@ def test_digits_round_trip_into_validate(digits, run_cli):
 
 
 def test_cli_make_dataset_with_limit(tmp_path, run_cli):
-    code, out, _ = run_cli("make-dataset", "--source", "digits", "--out", tmp_path, "--limit", "50", "--no-progress")
+    code, out, _ = run_cli("make-dataset", "--source", "digits", "--output", tmp_path, "--limit", "50", "--no-progress")
     assert code == 0
     assert f"Next: python utilities.py validate --labeled-data {tmp_path / 'train.json'} --image-dir {tmp_path}" in out
     catalog = load_catalog(tmp_path / "train.json", tmp_path)

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.slow  # trains or runs end to end: make test runs it, m
 
 def test_demo_runs_every_step_and_says_where_everything_went(tmp_path, run_cli):
     out = tmp_path / "demo"
-    code, stdout, err = run_cli("demo", "--out", out, "--source", "digits", "--epochs", "1",
-                                "--pairs-per-epoch", "1024", "--no-progress")
+    code, stdout, err = run_cli("demo", "--output", out, "--source", "digits", "--epochs", "1",
+                                "--images-per-epoch", "1024", "--no-progress")
     assert code == 0, err
     for n in range(1, 9):
         assert f"\n== {n}. " in stdout

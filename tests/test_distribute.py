@@ -32,8 +32,8 @@ def free_ports(n: int) -> list[int]:
 
 def train_command(digits, out, mining: str) -> list[str]:
     return [sys.executable, "utilities.py", "train", "--labeled-data", str(digits / "train.json"),
-            "--image-dir", str(digits), "--out", str(out), "--epochs", "3", "--image-size", "16",
-            "--batch-size", "32", "--pairs-per-epoch", "32", "--val-pairs", "128", "--embedding-dim", "16",
+            "--image-dir", str(digits), "--output", str(out), "--epochs", "3", "--image-size", "16",
+            "--batch-size", "32", "--images-per-epoch", "32", "--val-pairs", "128", "--embedding-dim", "16",
             "--mining", mining, "--learning-rate", "0.001", "--no-progress"]
 
 

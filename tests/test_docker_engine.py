@@ -102,7 +102,7 @@ def owners(folder: Path) -> set[int]:
 def test_make_bash_cpu_runs_the_seeds_commands_as_the_user(repo):
     uid = USER if os.geteuid() == 0 else os.geteuid()
     train = ("python utilities.py train --labeled-data /data/digits/train.json --image-dir /data/digits "
-             "--out checkpoints/X.hdf5 --epochs 1 --pairs-per-epoch 256 --image-size 16 --no-progress")
+             "--output checkpoints/X.hdf5 --epochs 1 --images-per-epoch 256 --image-size 16 --no-progress")
     export = "python utilities.py --export savedmodel --keras-model checkpoints/X.hdf5"
     index = ("python utilities.py --export balltree --keras-model checkpoints/X.hdf5 "
              "--labeled-data /data/digits/train.json --image-dir /data/digits --output /data/index")
@@ -174,7 +174,7 @@ def test_make_notebook_answers_on_localhost_only_and_only_with_the_token(noteboo
 def test_the_notebook_runs_inside_the_container_on_the_mounted_catalog(repo):
     params = " ".join(f"-p {k} {v}" for k, v in {
         "LABELED_DATA": "/data/digits/train.json", "IMAGE_DIR": "/data/digits", "IMAGE_SIZE": 16, "EPOCHS": 1,
-        "PAIRS_PER_EPOCH": 256, "BATCH_SIZE": 32, "EMBEDDING_DIM": 16, "CHECKPOINT": "/app/checkpoints/nb.hdf5",
+        "IMAGES_PER_EPOCH": 256, "BATCH_SIZE": 32, "EMBEDDING_DIM": 16, "CHECKPOINT": "/app/checkpoints/nb.hdf5",
         "EXPORT_DIR": "/app/exports/nb", "INDEX_DIR": "/data/nb-index"}.items())
     run = (f"COMMAND=papermill notebooks/train_siamese.ipynb /tmp/executed.ipynb --cwd notebooks -k python3 "
            f"--no-progress-bar {params}")

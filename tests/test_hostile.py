@@ -275,7 +275,7 @@ def test_a_model_that_gives_nan_is_refused_before_it_writes_anything(job, hostil
         hostile(*INDEX[:1], "--keras-model", path, *INDEX[3:], "--output", "out", expect=(r"the model is broken",),
                 changes=True)
     else:
-        hostile("similarity", "--keras-model", path, "--image-dir", "data/images/a", "--out", "sims",
+        hostile("similarity", "--keras-model", path, "--image-dir", "data/images/a", "--output", "sims",
                 "--no-progress", expect=(r"the model is broken",), changes=True)
     assert snapshot(job) == before
 
@@ -351,7 +351,7 @@ def test_an_output_that_is_a_file_is_refused(job, hostile):
 
 def test_rebuilding_an_index_leaves_exactly_one_index(job):
     before = set(os.listdir(job / "index"))
-    ok(*INDEX, "--output", "index", "--index", "brute")
+    ok(*INDEX, "--output", "index", "--engine", "brute")
     after = set(os.listdir(job / "index"))
     assert "index.json" in after and len(after) == 3 and after == before  # same rows: the same hashed names
     assert Index.load(job / "index").backend == "brute"
@@ -374,10 +374,11 @@ def test_a_second_run_on_one_output_fails_at_once_naming_the_holder(job, hostile
     child = _hold_lock(job / output)
     try:
         argv = {"index": (*INDEX, "--output", output),
-                "similarity": ("similarity", "--keras-model", MODEL, "--image-dir", "data/images/a", "--out", output),
-                "train": ("train", "--labeled-data", "data/labeled.json", "--image-dir", "data", "--out", output,
+                "similarity": ("similarity", "--keras-model", MODEL, "--image-dir", "data/images/a",
+                               "--output", output),
+                "train": ("train", "--labeled-data", "data/labeled.json", "--image-dir", "data", "--output", output,
                           "--epochs", "1", "--image-size", "16"),
-                "make-dataset": ("make-dataset", "--source", "digits", "--out", output)}[command]
+                "make-dataset": ("make-dataset", "--source", "digits", "--output", output)}[command]
         start = time.monotonic()
         hostile(*argv, expect=(rf"being written by another run \(pid {child.pid}\)",))
         assert time.monotonic() - start < 30
@@ -410,7 +411,7 @@ def test_a_crash_at_each_rename_of_index_leaves_the_previous_index_whole(job, mo
     monkeypatch.setattr(os, "replace", crash("replace"))
     monkeypatch.setattr(os, "rename", crash("rename"))
     monkeypatch.setattr(atomic, "_exchange", lambda a, b: crash("rename")(a, a) and False)
-    code = cli.main([*INDEX, "--output", "index", "--index", "brute"])
+    code = cli.main([*INDEX, "--output", "index", "--engine", "brute"])
     monkeypatch.undo()
     assert code == 130
     assert snapshot(job / "index") == before
@@ -419,7 +420,7 @@ def test_a_crash_at_each_rename_of_index_leaves_the_previous_index_whole(job, mo
 
 @pytest.mark.slow
 def test_a_killed_index_leaves_the_previous_index_whole_and_the_next_run_cleans_up(job):
-    make = [sys.executable, str(ROOT / "utilities.py"), "make-dataset", "--source", "digits", "--out", "digits",
+    make = [sys.executable, str(ROOT / "utilities.py"), "make-dataset", "--source", "digits", "--output", "digits",
             "--no-progress"]
     subprocess.run(make, cwd=job, check=True, capture_output=True, timeout=300)
     before = snapshot(job / "index")
@@ -447,7 +448,7 @@ def test_similarity_names_are_unique_and_the_count_is_the_files_written(job, cap
     d = job / "collide"
     for name in ("a.png", "a.jpg", "a.png.jpg", ".siamese.png", "A.PNG"):
         write_image(d / name, (len(name) * 40 % 256, 0, 0), fmt="PNG" if "png" in name.lower()[-3:] else "JPEG")
-    ok("similarity", "--keras-model", MODEL, "--image-dir", d, "--out", "sims", "--no-progress")
+    ok("similarity", "--keras-model", MODEL, "--image-dir", d, "--output", "sims", "--no-progress")
     out = capsys.readouterr().out
     written = sorted(p.name for p in (job / "sims").iterdir() if p.name != ".siamese.json")
     assert f"Wrote {len(written)} similarity files" in out and len(written) == 5
@@ -461,15 +462,15 @@ def test_similarity_names_are_unique_and_the_count_is_the_files_written(job, cap
 
 def test_a_similarity_rerun_after_images_were_deleted_leaves_no_old_files(job):
     d = job / "data" / "images" / "a"
-    ok("similarity", "--keras-model", MODEL, "--image-dir", d, "--out", "sims", "--no-progress")
+    ok("similarity", "--keras-model", MODEL, "--image-dir", d, "--output", "sims", "--no-progress")
     (d / "2.png").unlink()
-    ok("similarity", "--keras-model", MODEL, "--image-dir", d, "--out", "sims", "--no-progress")
+    ok("similarity", "--keras-model", MODEL, "--image-dir", d, "--output", "sims", "--no-progress")
     assert sorted(os.listdir(job / "sims")) == [".siamese.json", "0.json", "1.json"]
 
 
 def test_a_crash_while_writing_similarity_leaves_the_previous_run_whole(job, monkeypatch):
     d = job / "data" / "images" / "a"
-    ok("similarity", "--keras-model", MODEL, "--image-dir", d, "--out", "sims", "--no-progress")
+    ok("similarity", "--keras-model", MODEL, "--image-dir", d, "--output", "sims", "--no-progress")
     before = snapshot(job / "sims")
     real, calls = Path.write_text, {"n": 0}
 
@@ -480,7 +481,7 @@ def test_a_crash_while_writing_similarity_leaves_the_previous_run_whole(job, mon
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", write_text)
-    assert cli.main(["similarity", "--keras-model", MODEL, "--image-dir", str(d), "--out", "sims", "--top-k", "1",
+    assert cli.main(["similarity", "--keras-model", MODEL, "--image-dir", str(d), "--output", "sims", "--k", "1",
                      "--no-progress"]) == 130
     monkeypatch.undo()
     assert snapshot(job / "sims") == before
@@ -493,7 +494,7 @@ def test_similarity_does_not_write_over_what_it_did_not_write(job, hostile, out)
     if out == "foreign":
         target.mkdir()
         (target / "thesis.json").write_text("{}")
-    hostile("similarity", "--keras-model", MODEL, "--image-dir", "data/images/a", "--out", target, "--no-progress",
+    hostile("similarity", "--keras-model", MODEL, "--image-dir", "data/images/a", "--output", target, "--no-progress",
             expect=(r"which is a file|holds other files",))
 
 
@@ -509,7 +510,7 @@ SETTINGS = [
     ("train", "--epochs", "0", r"--epochs >= 1"),
     ("index", "--batch-size", "0", r"--batch-size >= 1"),
     ("index", "--image-size", "-5", r"image-size >= 8"),
-    ("similarity", "--top-k", "0", r"--top-k >= 1"),
+    ("similarity", "--k", "0", r"--k >= 1"),
     ("query", "--k", "0", r"k"),
     ("make-dataset", "--limit", "1", r"--limit >= 2"),
     ("make-dataset", "--image-size", "-5", r"--image-size >= 8"),
@@ -519,28 +520,28 @@ SETTINGS = [
 @pytest.mark.parametrize(("command", "flag", "value", "message"), SETTINGS,
                          ids=[f"{c} {f} {v}" for c, f, v, _ in SETTINGS])
 def test_a_bad_setting_is_one_line(job, hostile, command, flag, value, message):
-    argv = {"train": ("train", "--labeled-data", "data/labeled.json", "--image-dir", "data", "--out",
+    argv = {"train": ("train", "--labeled-data", "data/labeled.json", "--image-dir", "data", "--output",
                       "checkpoints/x.keras"),
             "index": ("index", "--backbone", "mobilenet_v2", "--weights", "none", "--labeled-data", "data/labeled.json",
                       "--image-dir", "data", "--output", "out", "--no-progress"),
-            "similarity": ("similarity", "--keras-model", MODEL, "--image-dir", "data/images/a", "--out", "sims"),
+            "similarity": ("similarity", "--keras-model", MODEL, "--image-dir", "data/images/a", "--output", "sims"),
             "query": ("query", "--index", "index", "data/images/a/0.png"),
-            "make-dataset": ("make-dataset", "--source", "glyphs" if flag == "--image-size" else "digits", "--out",
+            "make-dataset": ("make-dataset", "--source", "glyphs" if flag == "--image-size" else "digits", "--output",
                              "ds")}[command]
     hostile(*argv, f"{flag}={value}", expect=(message,))
 
 
 def test_train_out_that_is_a_folder_is_refused(job, hostile):
     (job / "checkpoints").mkdir()
-    hostile("train", "--labeled-data", "data/labeled.json", "--image-dir", "data", "--out", "checkpoints",
-            expect=(r"--out to end in",))
+    hostile("train", "--labeled-data", "data/labeled.json", "--image-dir", "data", "--output", "checkpoints",
+            expect=(r"--output to end in",))
     (job / "checkpoints" / "x.keras").mkdir()
-    hostile("train", "--labeled-data", "data/labeled.json", "--image-dir", "data", "--out", "checkpoints/x.keras",
+    hostile("train", "--labeled-data", "data/labeled.json", "--image-dir", "data", "--output", "checkpoints/x.keras",
             "--image-size", "16", expect=(r"which is a folder",))
 
 
 def test_a_similarity_file_never_holds_nan(job):
-    ok("similarity", "--keras-model", MODEL, "--image-dir", "data/images/a", "--out", "sims", "--no-progress")
+    ok("similarity", "--keras-model", MODEL, "--image-dir", "data/images/a", "--output", "sims", "--no-progress")
     def refuse(constant: str):
         pytest.fail(f"a similarity file holds {constant}")
 
@@ -588,12 +589,12 @@ def disk(job):
 OUTPUTS = {
     "index": lambda out: (*INDEX, "--output", out / "index"),
     "export": lambda out: ("--export", "savedmodel", "--keras-model", MODEL, "--output", out / "exports"),
-    "similarity": lambda out: ("similarity", "--keras-model", MODEL, "--image-dir", "data/images/a", "--out",
+    "similarity": lambda out: ("similarity", "--keras-model", MODEL, "--image-dir", "data/images/a", "--output",
                                out / "sims", "--no-progress"),
-    "train": lambda out: ("train", "--labeled-data", "data/labeled.json", "--image-dir", "data", "--out",
-                          out / "m.keras", "--epochs", "1", "--pairs-per-epoch", "16", "--batch-size", "8",
+    "train": lambda out: ("train", "--labeled-data", "data/labeled.json", "--image-dir", "data", "--output",
+                          out / "m.keras", "--epochs", "1", "--images-per-epoch", "16", "--batch-size", "8",
                           "--images-per-item", "2", "--image-size", "16", "--val-fraction", "0", "--no-progress"),
-    "make-dataset": lambda out: ("make-dataset", "--source", "digits", "--out", out / "digits", "--no-progress"),
+    "make-dataset": lambda out: ("make-dataset", "--source", "digits", "--output", out / "digits", "--no-progress"),
 }
 
 
@@ -622,6 +623,6 @@ def test_a_full_disk_leaves_the_previous_index_whole(job, disk, hostile):
     ok(*INDEX, "--output", path / "index")
     before = snapshot(path / "index")
     fill()
-    hostile(*INDEX, "--output", path / "index", "--index", "brute", expect=(r"disk is full",), changes=True)
+    hostile(*INDEX, "--output", path / "index", "--engine", "brute", expect=(r"disk is full",), changes=True)
     assert snapshot(path / "index") == before
     assert len(Index.load(path / "index")) == 7

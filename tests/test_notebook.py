@@ -30,7 +30,7 @@ def test_notebook_runs_on_digits(digits, tmp_path):
     papermill.execute_notebook(
         str(NOTEBOOK), str(out), cwd=str(NOTEBOOK.parent), progress_bar=False, kernel_name="python3",
         parameters={"LABELED_DATA": str(digits / "train.json"), "IMAGE_DIR": str(digits), "IMAGE_SIZE": 16,
-                    "EPOCHS": 2, "PAIRS_PER_EPOCH": 512, "BATCH_SIZE": 32, "EMBEDDING_DIM": 16,
+                    "EPOCHS": 2, "IMAGES_PER_EPOCH": 512, "BATCH_SIZE": 32, "EMBEDDING_DIM": 16,
                     "CHECKPOINT": str(checkpoint), "EXPORT_DIR": str(export_dir), "INDEX_DIR": str(index_dir)},
     )
     cells = nbformat.read(out, as_version=4)["cells"]

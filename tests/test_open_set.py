@@ -29,7 +29,7 @@ def glyphs(tmp_path_factory) -> Path:
 def test_training_beats_the_untrained_network_on_a_script_it_never_saw(glyphs, tmp_path):
     out = tmp_path / "glyphs.keras"
     config = TrainConfig(labeled_data=str(glyphs / "train.json"), image_dir=str(glyphs), out=str(out), epochs=3,
-                         pairs_per_epoch=4096, image_size=24)
+                         images_per_epoch=4096, image_size=24)
     result = train(config, verbose=0)
     assert result.monitor == "val_map_at_r" and not result.kept_untrained
 

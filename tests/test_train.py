@@ -29,7 +29,7 @@ from siamese.training import train
 pytestmark = pytest.mark.slow  # trains or runs end to end: make test runs it, make test-fast not
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = {"image_size": 16, "batch_size": 32, "pairs_per_epoch": 512, "val_pairs": 128, "embedding_dim": 16}
+FAST = {"image_size": 16, "batch_size": 32, "images_per_epoch": 512, "val_pairs": 128, "embedding_dim": 16}
 
 
 def digits_config(digits, out, **kwargs) -> TrainConfig:
@@ -41,7 +41,7 @@ def test_training_lowers_the_loss_and_beats_the_untrained_model_on_held_out_imag
     # Validation on digits' test split: images the training never saw, of the ten classes. (On held-out
     # *classes* random convolutions already separate digits, and five training classes do not beat them:
     # see the note in docs/benchmarks.md.)
-    config = digits_config(digits, tmp_path / "digits.keras", epochs=3, pairs_per_epoch=4096,
+    config = digits_config(digits, tmp_path / "digits.keras", epochs=3, images_per_epoch=4096,
                            val_labeled_data=str(digits / "test.json"))
     result = train(config, verbose=0)
     losses = [h["loss"] for h in result.history[1:]]  # epoch 0 is the untrained network: no loss
@@ -87,8 +87,8 @@ def test_checkpoint_config_and_manifest_are_written_beside_each_other(digits, tm
 
 def cli_train(digits, out, epochs) -> list[str]:
     return [sys.executable, "utilities.py", "train", "--labeled-data", str(digits / "train.json"),
-            "--image-dir", str(digits), "--out", str(out), "--epochs", str(epochs), "--image-size", "16",
-            "--batch-size", "32", "--pairs-per-epoch", "512", "--val-pairs", "128", "--embedding-dim", "16",
+            "--image-dir", str(digits), "--output", str(out), "--epochs", str(epochs), "--image-size", "16",
+            "--batch-size", "32", "--images-per-epoch", "512", "--val-pairs", "128", "--embedding-dim", "16",
             "--augment", "--no-progress"]  # augmented: a resumed run restores the augmentation's random state too
 
 
@@ -183,10 +183,10 @@ def test_settings_are_checked_before_anything_runs(tmp_path, change, message):
 
 def test_cli_train_error_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "utilities.py", "train", "--labeled-data", "x.json", "--image-dir",
-                             str(tmp_path), "--out", "model.pt"], cwd=ROOT, capture_output=True, text=True)
+                             str(tmp_path), "--output", "model.pt"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        "utilities.py: error: Expected --out to end in .keras, .h5, .hdf5. Received: model.pt"]
+        "utilities.py: error: Expected --output to end in .keras, .h5, .hdf5. Received: model.pt"]
 
 
 @pytest.mark.parametrize("mining", ["batch-all", "pairs"])
@@ -211,7 +211,7 @@ def test_weight_decay_shrinks_the_weights_by_the_decoupled_rule(digits, tmp_path
         assert json.loads(sidecar(result.checkpoint, "config").read_text())["weight_decay"] == decay
         kernel = keras.saving.load_model(result.checkpoint).get_layer("projection").kernel
         norms[decay] = float(np.linalg.norm(keras.ops.convert_to_numpy(kernel)))
-    steps = FAST["pairs_per_epoch"] // FAST["batch_size"]
+    steps = FAST["images_per_epoch"] // FAST["batch_size"]
     assert norms[100.0] / norms[0.0] == pytest.approx((1 - 0.001 * 100) ** steps, abs=0.05), norms
 
 
@@ -249,7 +249,7 @@ def test_augmented_training_exports_the_pixels_it_validates_on(digits, tmp_path)
     from siamese.export import export_savedmodel
     from siamese.retrieval import retrieval_metrics
 
-    config = digits_config(digits, tmp_path / "augmented.keras", epochs=2, pairs_per_epoch=4096, val_images=10_000,
+    config = digits_config(digits, tmp_path / "augmented.keras", epochs=2, images_per_epoch=4096, val_images=10_000,
                            val_labeled_data=str(digits / "test.json"), augment=True)
     result = train(config, verbose=0)
     settings = json.loads(sidecar(result.checkpoint, "config").read_text())

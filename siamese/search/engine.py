@@ -2,7 +2,7 @@
 
 An engine is made with its build settings (`Hnsw(m=16)`), then built by the index from the (possibly
 memory-mapped) embeddings. Register a new one with `@register_engine`: `Index`, its folder format and the
-`index` / `merge-index` / `query` commands (its `--index` choice and its `settings` as flags) then know it.
+`index` / `merge-index` / `query` commands (its `--engine` choice and its `settings` as flags) then know it.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Setting:
 class Engine(ABC):
     """Nearest-neighbour search over unit vectors answering Euclidean distances.
 
-    Class attributes: `name` (set by `register_engine`); `summary`, a few words for `--index`'s help;
+    Class attributes: `name` (set by `register_engine`); `summary`, a few words for `--engine`'s help;
     `settings`, the build settings the command line shows;
     `suffix`, the file of an engine that is read back rather than rebuilt (None: rebuilt from the embeddings);
     `knob`, the name of the query-time setting of an approximate engine (e.g. "ef"), `knob_text` which indexes
