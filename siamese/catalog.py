@@ -171,17 +171,17 @@ def _object_hook(pairs: list[tuple[str, object]]) -> _JsonObject:
 def _open_error(e: OSError, shown: str) -> SiameseError:
     """The `SiameseError` for failing to open the labeled data at `shown`."""
     if e.errno in (errno.ENOENT, errno.ENOTDIR):
-        return SiameseError(f"Labeled data file not found: {shown}. Fix: check the --labeled-data path.")
+        return SiameseError(f"Labeled data file not found: {shown}. Fix: check the `labeled_data` path.")
     if e.errno == errno.ELOOP:
         return SiameseError(f"Labeled data path is a symlink loop: {shown}. "
-                            "Fix: point --labeled-data at the JSON file itself.")
+                            "Fix: point `labeled_data` at the JSON file itself.")
     if e.errno == errno.ENAMETOOLONG:
         return SiameseError(f"Labeled data path is too long for the file system: {shown}. "
-                            "Fix: check the --labeled-data path, or move the file to a shorter one.")
+                            "Fix: check the `labeled_data` path, or move the file to a shorter one.")
     if e.errno in (errno.EACCES, errno.EPERM):
         return SiameseError(f"Labeled data file is not readable (permission denied): {shown}. "
                             "Fix: make it readable (chmod u+r) or run as a user who may read it.")
-    return SiameseError(f"Cannot read the labeled data {shown}: {e.strerror}. Fix: check the --labeled-data path.")
+    return SiameseError(f"Cannot read the labeled data {shown}: {e.strerror}. Fix: check the `labeled_data` path.")
 
 
 def _read_json(path: Path) -> object:
@@ -190,12 +190,12 @@ def _read_json(path: Path) -> object:
     try:
         f, info = open_regular(path)
     except NotRegularFileError as e:
-        raise SiameseError(f"Expected a JSON file for --labeled-data. Received: {e.kind}: {shown}. "
+        raise SiameseError(f"Expected a JSON file for `labeled_data`. Received: {e.kind}: {shown}. "
                            "Fix: pass the catalog's JSON file.") from None
     except OSError as e:
         raise _open_error(e, shown) from None
     too_big = (f"{shown} holds more than {MAX_CATALOG_BYTES:,} bytes, the limit for labeled data. "
-               "Fix: check that --labeled-data names the catalog JSON, or split the catalog.")
+               "Fix: check that `labeled_data` names the catalog JSON, or split the catalog.")
     with f:
         if info.st_size > MAX_CATALOG_BYTES:
             raise SiameseError(too_big)
@@ -220,7 +220,7 @@ def _read_json(path: Path) -> object:
         ) from None
     except RecursionError:
         raise SiameseError(f"{shown}: JSON nested too deeply to be a catalog. "
-                           "Fix: check that --labeled-data names the catalog JSON.") from None
+                           "Fix: check that `labeled_data` names the catalog JSON.") from None
     except ValueError as e:  # the only other: int() refuses more digits than sys.get_int_max_str_digits()
         raise SiameseError(_long_integer_message(shown, text, e)) from None
 
@@ -280,7 +280,7 @@ class _ImageFolder:
         reason = _unsafe_reason(filename)
         if reason:
             raise _Unusable(f"filename {_clip(repr(filename))} {reason}",
-                            f"give the path relative to --image-dir {self.dir}, inside it")
+                            f"give the path relative to `image_dir` {self.dir}, inside it")
         if len(filename) > MAX_FILENAME_CHARS:
             raise self.os_error(filename, OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG)))
         path = os.path.join(self.dir, filename)
@@ -340,7 +340,7 @@ def validate_catalog(labeled_data: str | os.PathLike, image_dir: str | os.PathLi
     if not is_dir:
         raise SiameseError(
             f"Image folder not found: {_clip(str(image_dir), 200)}{why}. Fix: pass the folder the filenames are "
-            "relative to as --image-dir."
+            "relative to as `image_dir`."
         )
     data = _read_json(source)
     report = Report(source, Catalog((), image_dir))
@@ -450,14 +450,14 @@ def split_by_item(catalog: Catalog, val_fraction: float = 0.2, seed: int = 0) ->
     tell a good model from a bad one), else at least one.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise SiameseError(f"Expected --val-fraction in [0, 1). Received: {val_fraction}")
+        raise SiameseError(f"Expected `val_fraction` in [0, 1). Received: {val_fraction}")
     if val_fraction == 0.0:
         return catalog, Catalog((), catalog.image_dir)
     n = len(catalog.items)
     if n < 2:
         raise SiameseError(
             f"A validation split needs at least 2 items; the catalog has {n}. "
-            "Fix: add items, or pass --val-fraction 0."
+            "Fix: add items, or pass `val_fraction=0`."
         )
     n_val = min(max(2 if n >= 4 else 1, round(n * val_fraction)), n - 1)
     ids = sorted(item.id for item in catalog.items)

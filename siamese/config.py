@@ -47,7 +47,7 @@ BACKBONES = {
 def get_backbone(name: str) -> Backbone:
     """The `Backbone` called `name`; raises with the list of names otherwise."""
     if name not in BACKBONES:
-        raise SiameseError(f"Expected --backbone to be one of {', '.join(BACKBONES)}. Received: {name!r}")
+        raise SiameseError(f"Expected `backbone` to be one of {', '.join(BACKBONES)}. Received: {name!r}")
     return BACKBONES[name]
 
 
@@ -66,7 +66,7 @@ class TrainConfig:
     labeled_data: str
     image_dir: str
     out: str = "checkpoints/siamese.keras"
-    val_labeled_data: str | None = None  # a separate validation catalog instead of --val-fraction
+    val_labeled_data: str | None = None  # a separate validation catalog instead of `val_fraction`
     epochs: int = 10
     batch_size: int = 64  # pairs (triplets) per batch; images per batch with mining="batch-all"
     images_per_epoch: int = 8192  # images per epoch with mining="batch-all"; pairs (triplets) with "pairs"
@@ -100,50 +100,50 @@ class TrainConfig:
         out = Path(self.out)
         if out.suffix not in CHECKPOINT_SUFFIXES:
             raise SiameseError(
-                f"Expected --out to end in {', '.join(CHECKPOINT_SUFFIXES)}. Received: {self.out}"
+                f"Expected `out` to end in {', '.join(CHECKPOINT_SUFFIXES)}. Received: {self.out}"
             )
         if self.mining not in self.MININGS:
-            raise SiameseError(f"Expected --mining to be one of {', '.join(self.MININGS)}. Received: {self.mining!r}")
+            raise SiameseError(f"Expected `mining` to be one of {', '.join(self.MININGS)}. Received: {self.mining!r}")
         loss = self.loss or ("supcon" if self.mining == "batch-all" else "contrastive")
         if loss not in LOSSES:
-            raise SiameseError(f"Expected --loss to be one of {', '.join(LOSSES)}. Received: {self.loss!r}")
+            raise SiameseError(f"Expected `loss` to be one of {', '.join(LOSSES)}. Received: {self.loss!r}")
         if loss == "supcon" and self.mining != "batch-all":
-            raise SiameseError(f"Expected --mining batch-all with --loss supcon. Received: {self.mining!r}")
+            raise SiameseError(f"Expected `mining='batch-all'` with `loss='supcon'`. Received: {self.mining!r}")
         if self.monitor not in self.MONITORS:
-            raise SiameseError(f"Expected --monitor to be one of {', '.join(self.MONITORS)}. "
+            raise SiameseError(f"Expected `monitor` to be one of {', '.join(self.MONITORS)}. "
                                f"Received: {self.monitor!r}")
         if self.temperature <= 0:
-            raise SiameseError(f"Expected --temperature > 0. Received: {self.temperature}")
+            raise SiameseError(f"Expected `temperature` > 0. Received: {self.temperature}")
         views = self.views if self.augment and self.mining == "batch-all" else 1
         if self.views < 1:
-            raise SiameseError(f"Expected --views >= 1. Received: {self.views}")
+            raise SiameseError(f"Expected `views` >= 1. Received: {self.views}")
         if self.image_size is not None and self.image_size < 8:
-            raise SiameseError(f"Expected --image-size >= 8 (or none: the backbone's own). Received: {self.image_size}")
+            raise SiameseError(f"Expected `image_size` >= 8 (or none: the backbone's own). Received: {self.image_size}")
         for name in ("epochs", "batch_size", "val_images"):
             if getattr(self, name) < 1:
-                raise SiameseError(f"Expected --{name.replace('_', '-')} >= 1. Received: {getattr(self, name)}")
+                raise SiameseError(f"Expected `{name}` >= 1. Received: {getattr(self, name)}")
         if self.mining == "batch-all" and (self.images_per_item < 2 or self.batch_size < self.images_per_item):
-            raise SiameseError(f"Expected 2 <= --images-per-item <= --batch-size with --mining batch-all. Received: "
+            raise SiameseError(f"Expected 2 <= `images_per_item` <= `batch_size` with `mining='batch-all'`. Received: "
                                f"{self.images_per_item} and {self.batch_size}")
         learning_rate = self.learning_rate
         if learning_rate is None:
             learning_rate = 3e-3 if spec.application is None else 1e-3
-        numbers = (("margin", self.margin), ("learning-rate", learning_rate), ("temperature", self.temperature),
-                   ("weight-decay", self.weight_decay), ("val-fraction", self.val_fraction))
-        for flag, value in numbers:
+        numbers = (("margin", self.margin), ("learning_rate", learning_rate), ("temperature", self.temperature),
+                   ("weight_decay", self.weight_decay), ("val_fraction", self.val_fraction))
+        for name, value in numbers:
             if not math.isfinite(value):
-                raise SiameseError(f"Expected a finite --{flag}. Received: {value}")
+                raise SiameseError(f"Expected a finite `{name}`. Received: {value}")
         if self.margin <= 0 or learning_rate <= 0:
             raise SiameseError(
-                f"Expected --margin and --learning-rate > 0. Received: {self.margin} and {learning_rate}"
+                f"Expected `margin` and `learning_rate` > 0. Received: {self.margin} and {learning_rate}"
             )
         if self.weight_decay < 0:
-            raise SiameseError(f"Expected --weight-decay >= 0. Received: {self.weight_decay}")
+            raise SiameseError(f"Expected `weight_decay` >= 0. Received: {self.weight_decay}")
         if self.lr_schedule not in self.LR_SCHEDULES:
-            raise SiameseError(f"Expected --lr-schedule to be one of {', '.join(self.LR_SCHEDULES)}. "
+            raise SiameseError(f"Expected `lr_schedule` to be one of {', '.join(self.LR_SCHEDULES)}. "
                                f"Received: {self.lr_schedule!r}")
         if self.cache not in ("auto", *CACHES):
-            raise SiameseError(f"Expected --cache to be auto, {', '.join(CACHES)}. Received: {self.cache!r}")
+            raise SiameseError(f"Expected `cache` to be auto, {', '.join(CACHES)}. Received: {self.cache!r}")
         weights = self.weights
         if weights == "auto":
             weights = "none" if spec.application is None else "imagenet"

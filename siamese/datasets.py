@@ -79,7 +79,7 @@ def load_fashion_mnist() -> tuple[dict[str, Split], str]:
     except Exception as e:
         raise SiameseError(
             f"Fashion-MNIST is not on this machine and could not be downloaded ({type(e).__name__}: {e}). "
-            "Fix: `apt-get install dataset-fashion-mnist`, or use --source digits."
+            "Fix: `apt-get install dataset-fashion-mnist`, or use `source='digits'`."
         ) from None
     return {"train": (x_train, y_train), "test": (x_test, y_test)}, "keras.datasets.fashion_mnist (downloaded)"
 
@@ -108,11 +108,11 @@ def make_dataset(source: Source, out: str | os.PathLike, limit: int | None = Non
     first N letters of each script, and `seed` (default 0) and `image_size` (default 32) apply to it alone.
     """
     if source not in SOURCES:
-        raise SiameseError(f"Expected --source to be one of {', '.join(SOURCES)}. Received: {source!r}")
+        raise SiameseError(f"Expected `source` to be one of {', '.join(SOURCES)}. Received: {source!r}")
     if limit is not None and limit < 2:
-        raise SiameseError(f"Expected --limit >= 2. Received: {limit}")
+        raise SiameseError(f"Expected `limit` >= 2. Received: {limit}")
     if source != "glyphs" and image_size is not None:
-        raise SiameseError(f"Expected --image-size only with --source glyphs. Received: --source {source}")
+        raise SiameseError(f"Expected `image_size` only with `source='glyphs'`. Received: `source={source}`")
     with claim_output(out), atomic.replace_folder(out) as new:
         if source == "glyphs":
             written = make_glyphs(new, seed=seed, image_size=32 if image_size is None else image_size,

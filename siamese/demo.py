@@ -53,7 +53,7 @@ def _prepare(out: Path) -> None:
     """Start from an empty OUT: clear a previous demo's folder, refuse anyone else's."""
     if out.exists() and any(out.iterdir()):
         if not (out / "demo.config.json").is_file():
-            raise SiameseError(f"{out} exists and is not a demo folder. Fix: pass another --out, or empty it.")
+            raise SiameseError(f"{out} exists and is not a demo folder. Fix: pass another `out`, or empty it.")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 

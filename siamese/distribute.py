@@ -98,7 +98,7 @@ def distribute_batches(strategy: tf.distribute.Strategy, global_batch: int,
         return stream((0, 1))
     replicas = strategy.num_replicas_in_sync
     if global_batch % replicas:
-        raise SiameseError(f"Expected --batch-size to be a multiple of the {replicas} replicas of the cluster, so each "
+        raise SiameseError(f"Expected `batch_size` to be a multiple of the {replicas} replicas of the cluster, so each "
                            f"takes an equal share. Received: {global_batch}")
 
     def per_worker(context: tf.distribute.InputContext) -> tf.data.Dataset:

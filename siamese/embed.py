@@ -88,7 +88,7 @@ class Embedder:
         """The model that built `index`: `keras_model` when given, else the one its recipe names; refused, with
         the fix, when it is not the model the index records (see `check`)."""
         if keras_model is None and not index.embedder:
-            raise SiameseError("This index does not record its model. Fix: pass the model (--keras-model).")
+            raise SiameseError("This index does not record its model. Fix: pass the model (`keras_model`).")
         embedder = cls.load(keras_model) if keras_model is not None else cls.load(**index.embedder)
         embedder.check(index)
         return embedder
@@ -299,8 +299,8 @@ def shard_catalog(catalog: Catalog, shard: int, shards: int, batch_size: int = 6
     batches = -(-images // batch_size)
     if not 1 <= shard <= shards <= batches:
         raise SiameseError(
-            f"Expected --shard I/N with 1 <= I <= N <= {batches:,} (the catalog's {plural(images, 'image')} make "
-            f"{batches:,} batches of --batch-size {batch_size}). Received: --shard {shard}/{shards}. Fix: number "
+            f"Expected `shard` I/N with 1 <= I <= N <= {batches:,} (the catalog's {plural(images, 'image')} make "
+            f"{batches:,} batches of `batch_size={batch_size}`). Received: `shard={shard}/{shards}`. Fix: number "
             "shards from 1, and ask for at most one shard per batch."
         )
     start = (shard - 1) * batches // shards * batch_size

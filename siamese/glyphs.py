@@ -218,9 +218,9 @@ def make_glyphs(out: str | os.PathLike, seed: int = 0, image_size: int = 32, pro
     items per split; else the error names the Debian font packages to install.
     """
     if image_size < 8:
-        raise SiameseError(f"Expected --image-size >= 8. Received: {image_size}")
+        raise SiameseError(f"Expected `image_size` >= 8. Received: {image_size}")
     if seed < 0:
-        raise SiameseError(f"Expected --seed >= 0. Received: {seed}")
+        raise SiameseError(f"Expected `seed` >= 0. Received: {seed}")
     splits = dict(SPLITS if scripts is None else scripts)
     names = [s for split in splits.values() for s in split]
     if unknown := [s for s in names if s not in SCRIPTS]:

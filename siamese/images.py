@@ -226,7 +226,7 @@ class BadImagesError(SiameseError):
         self.bad = bad
         listed = "; run `validate` to list them all" if len(bad) > 1 else ""
         super().__init__(f"{plural(len(bad), 'image')} in {image_dir} cannot be used (first: {bad[0]}). Fix: "
-                         f"replace or remove {'it' if len(bad) == 1 else 'them'}, or pass --on-bad-image skip to "
+                         f"replace or remove {'it' if len(bad) == 1 else 'them'}, or pass `on_bad_image='skip'` to "
                          f"leave {'it' if len(bad) == 1 else 'them'} out{listed}.")
 
 
@@ -309,7 +309,7 @@ def check_images(
     drop them and emit one warning that counts them.
     """
     if on_bad_image not in ("fail", "skip"):
-        raise SiameseError(f"Expected --on-bad-image to be 'fail' or 'skip'. Received: {on_bad_image!r}")
+        raise SiameseError(f"Expected `on_bad_image` to be 'fail' or 'skip'. Received: {on_bad_image!r}")
     bad = find_bad_images(catalog, workers=workers, progress=progress)
     if not bad:
         return catalog

@@ -49,7 +49,7 @@ def _application(backbone: Backbone, image_size: int, weights: str | None):
             raise SiameseError(
                 f"ImageNet weights for {backbone.name} could not be downloaded (no internet?): {e}. "
                 f"Fix: on a machine with internet run once to fill ~/.keras/models, or download the "
-                f"no-top weights file and pass --weights PATH, or --weights none to train from scratch."
+                f"no-top weights file and pass `weights='PATH'`, or `weights='none'` to train from scratch."
             ) from None
         if isinstance(e, ValueError):  # e.g. "Input size must be at least 75x75"
             raise SiameseError(f"{backbone.name} cannot be built for {image_size} px images: {e}. Fix: leave out "
@@ -79,14 +79,14 @@ def build_embedding(
     spec = get_backbone(backbone)
     image_size = image_size or spec.image_size
     if image_size < 8:
-        raise SiameseError(f"Expected --image-size >= 8. Received: {image_size}")
+        raise SiameseError(f"Expected `image_size` >= 8. Received: {image_size}")
     if embedding_dim is not None and embedding_dim < 1:
-        raise SiameseError(f"Expected --embedding-dim >= 1. Received: {embedding_dim}")
+        raise SiameseError(f"Expected `embedding_dim` >= 1. Received: {embedding_dim}")
     weights = None if weights in (None, "none") else weights
     if weights not in (None, "imagenet") and not Path(weights).is_file():
         raise SiameseError(f"Weights file not found: {weights}. Fix: pass an existing file, imagenet or none.")
     if backbone == "small_cnn" and weights == "imagenet":
-        raise SiameseError("small_cnn has no ImageNet weights. Fix: pass --weights none, or a pretrained --backbone.")
+        raise SiameseError("small_cnn has no ImageNet weights. Fix: pass `weights='none'`, or a pretrained `backbone`.")
 
     inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
     x = keras.layers.Rescaling(spec.scale, spec.offset, name="preprocess")(inputs)
@@ -108,7 +108,7 @@ def build_embedding(
         features = base.layers
     if trainable_layers is not None:
         if trainable_layers < 0:
-            raise SiameseError(f"Expected --trainable-layers >= 0. Received: {trainable_layers}")
+            raise SiameseError(f"Expected `trainable_layers` >= 0. Received: {trainable_layers}")
         cut = len(features) - trainable_layers
         for n, layer in enumerate(features):
             layer.trainable = n >= cut and not isinstance(layer, keras.layers.BatchNormalization)
@@ -170,7 +170,7 @@ def build_batch_all(embedding: keras.Model, augment: keras.Model | None = None, 
     """
     images = keras.Input(embedding.input_shape[1:], dtype="uint8", name="images")
     if views < 1 or (views > 1 and augment is None):
-        raise SiameseError(f"Expected views >= 1, and augmentation for views > 1. Received: views={views}, "
+        raise SiameseError(f"Expected `views` >= 1, and augmentation for `views` > 1. Received: views={views}, "
                            f"augment={augment}")
     if views == 1:
         outputs = _embedder(embedding, augment)(images)

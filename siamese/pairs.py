@@ -49,7 +49,7 @@ class PairSampler:
 
     def __init__(self, catalog: Catalog, seed: int = 0):
         if not isinstance(seed, int | np.integer) or seed < 0:
-            raise SiameseError(f"Expected --seed to be a non-negative integer. Received: {seed!r}")
+            raise SiameseError(f"Expected `seed` to be a non-negative integer. Received: {seed!r}")
         self.catalog = catalog
         self.seed = int(seed)
         counts = np.array([len(item.filenames) for item in catalog.items], dtype=np.int64)
@@ -152,7 +152,7 @@ class PairSampler:
         if len(anchors) == 0:
             raise SiameseError(
                 "No triplets: no item has both two images and another item sharing none of its labels. "
-                "Fix: add images or items, or use --loss contrastive."
+                "Fix: add images or items, or use `loss='contrastive'`."
             )
         items = rng.choice(anchors, n)
         anchor, positive = self._positive_images(rng, items)
@@ -170,9 +170,9 @@ class PairSampler:
         Same arguments, same batches.
         """
         if batch_size < 2:
-            raise SiameseError(f"Expected --batch-size >= 2 for batch-all training. Received: {batch_size}")
+            raise SiameseError(f"Expected `batch_size` >= 2 for batch-all training. Received: {batch_size}")
         if per_item < 2:
-            raise SiameseError(f"Expected --images-per-item >= 2. Received: {per_item}")
+            raise SiameseError(f"Expected `images_per_item` >= 2. Received: {per_item}")
         if n < 1:
             raise SiameseError(f"Expected at least 1 batch per epoch. Received: {n}")
         rng = np.random.default_rng([self.seed, int(epoch)])

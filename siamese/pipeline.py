@@ -35,7 +35,7 @@ _DECODER_VERSION = 2  # bump when decode_image changes its output, to invalidate
 
 def _check_cache(cache: str) -> None:
     if cache not in CACHES:
-        raise SiameseError(f"Expected --cache to be one of {', '.join(CACHES)}. Received: {cache!r}")
+        raise SiameseError(f"Expected `cache` to be one of {', '.join(CACHES)}. Received: {cache!r}")
 
 
 def decoded_images(
@@ -48,7 +48,7 @@ def decoded_images(
     `cache_dir()/decoded/` keyed by the files' paths, sizes and times, and memory-maps it on later calls.
     """
     if cache not in ("memory", "disk"):
-        raise SiameseError(f"Expected cache to be memory or disk ('none' decodes on the fly). Received: {cache!r}")
+        raise SiameseError(f"Expected `cache` to be memory or disk ('none' decodes on the fly). Received: {cache!r}")
     shape = (len(catalog.filenames), image_size, image_size, 3)
 
     def decode(path: Path) -> np.ndarray:
@@ -166,7 +166,7 @@ def steps_per_epoch(per_epoch: int, batch_size: int) -> int:
     """Whole batches per epoch: `per_epoch` examples (images, pairs or triplets) rounded up to a multiple of
     `batch_size`."""
     if batch_size < 1:
-        raise SiameseError(f"Expected --batch-size >= 1. Received: {batch_size}")
+        raise SiameseError(f"Expected `batch_size` >= 1. Received: {batch_size}")
     if per_epoch < 2:
         raise SiameseError(f"Expected `images_per_epoch` >= 2. Received: {per_epoch}")
     return max(1, math.ceil(per_epoch / batch_size))

@@ -90,9 +90,9 @@ def retrieval_metrics(embeddings: np.ndarray, items: np.ndarray, ks: Sequence[in
     if not np.isfinite(embeddings).all():
         raise SiameseError("Expected finite embeddings. Received: NaN or infinite values. Fix: check the model.")
     if len(ks) == 0 or any(not isinstance(k, int | np.integer) or k < 1 for k in ks):
-        raise SiameseError(f"Expected ks to be positive integers. Received: {ks!r}")
+        raise SiameseError(f"Expected `ks` to be positive integers. Received: {ks!r}")
     if chunk < 1:
-        raise SiameseError(f"Expected chunk >= 1. Received: {chunk}")
+        raise SiameseError(f"Expected `chunk` >= 1. Received: {chunk}")
     codes, others = _other_rows(items)
     depth = np.minimum(np.maximum(others, max(ks)), len(items) - 1)  # neighbours each query needs
     queries = np.flatnonzero(others)

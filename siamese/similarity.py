@@ -32,7 +32,7 @@ def list_images(image_dir: str | os.PathLike) -> list[Path]:
     """Image files directly in `image_dir` (by suffix, any case), sorted by name; sub-folders are not read."""
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
-        raise SiameseError(f"Expected --image-dir to be a folder. Received: {image_dir} (not found or not a folder)")
+        raise SiameseError(f"Expected `image_dir` to be a folder. Received: {image_dir} (not found or not a folder)")
     return sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
@@ -102,10 +102,10 @@ def folder_similarity(
     `source` names the model in errors (default "The model").
     """
     if top_k is not None and top_k < 1:
-        raise SiameseError(f"Expected --top-k >= 1. Received: {top_k}")
+        raise SiameseError(f"Expected `top_k` >= 1. Received: {top_k}")
     paths = list_images(image_dir)
     if not paths:
-        raise SiameseError(f"{image_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}). Fix: point --image-dir "
+        raise SiameseError(f"{image_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}). Fix: point `image_dir` "
                            "at the folder that holds them.")
     names = output_names(paths)
     result = SimilarityResult(Path(out))

@@ -136,8 +136,8 @@ def _validation(config: TrainConfig, strategy: tf.distribute.Strategy, val_catal
         return [], None, None
     if len(val_catalog) == 1:
         warnings.warn(f"a single held-out item ({val_catalog.items[0].id}) cannot score retrieval (every neighbour "
-                      "is of its item): keeping the last epoch. Fix: hold out more items (--val-fraction) or pass "
-                      "--val-labeled-data", UserWarning, stacklevel=3)
+                      "is of its item): keeping the last epoch. Fix: hold out more items (`val_fraction`) or pass "
+                      "`val_labeled_data`", UserWarning, stacklevel=3)
         return [], None, None
     size = config.image_size
     images = decoded_images(val_catalog, size, "disk" if cache == "disk" else "memory", progress=progress)
@@ -165,7 +165,7 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
     strategy = training_strategy(gpus)
     out = worker_path(config.out, strategy)
     if out.is_dir():
-        raise SiameseError(f"Expected --out to name a checkpoint file. Received: {out}, which is a folder. Fix: name "
+        raise SiameseError(f"Expected `out` to name a checkpoint file. Received: {out}, which is a folder. Fix: name "
                            f"a file in it, e.g. {out / Path(TrainConfig.out).name}.")
     with atomic.output_lock(out):  # before any long work: a folder that cannot be written fails here
         return _train(config, verbose, gpus, strategy, out)
@@ -256,7 +256,7 @@ def _train(config: TrainConfig, verbose: int | str, gpus: list, strategy, out: P
     manifest["finished"] = utc_now()
     if checkpoint.best_epoch is None:
         raise SiameseError(f"Training diverged: the loss was not finite by the end of epoch {len(checkpoint.history)}, "
-                           f"so no model was saved at {out}. Fix: lower --learning-rate.")
+                           f"so no model was saved at {out}. Fix: lower `learning_rate`.")
     result = TrainResult(out, monitor, checkpoint.best, checkpoint.best_epoch, checkpoint.history, start_epoch)
     manifest["best"] = {"monitor": monitor, "value": checkpoint.best, "epoch": checkpoint.best_epoch,
                         "kept_untrained": result.kept_untrained}

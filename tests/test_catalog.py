@@ -73,7 +73,7 @@ def test_not_utf8_and_missing_file_and_missing_folder(root):
         validate_catalog(root / "nope.json", root)
     with pytest.raises(SiameseError, match="Image folder not found: .*nowhere. Fix: pass the folder"):
         validate_catalog(path, root / "nowhere")
-    with pytest.raises(SiameseError, match="Expected a JSON file for --labeled-data. Received: a directory: "):
+    with pytest.raises(SiameseError, match="Expected a JSON file for `labeled_data`. Received: a directory: "):
         validate_catalog(root, root)
 
 
@@ -137,7 +137,7 @@ def test_unsafe_paths_are_refused(root, filename, message):
     path = write_catalog(root, {"x": {"images": [{"filename": filename}]}})
     (error,) = errors_of(path, root)
     assert message in error
-    assert "Fix: give the path relative to --image-dir" in error
+    assert "Fix: give the path relative to `image_dir`" in error
 
 
 def test_symlink_leading_outside_is_refused_and_inside_is_allowed(tmp_path):
@@ -216,7 +216,7 @@ def test_split_is_by_item_seeded_and_validated(tmp_path):
     assert split_by_item(catalog, 0.25, seed=3) == (train, val)
     assert split_by_item(catalog, 0.25, seed=4)[1] != val
     assert len(split_by_item(catalog, 0.0)[1]) == 0
-    with pytest.raises(SiameseError, match=r"Expected --val-fraction in \[0, 1\). Received: 1.5"):
+    with pytest.raises(SiameseError, match=r"Expected `val_fraction` in \[0, 1\). Received: 1.5"):
         split_by_item(catalog, 1.5)
     few = catalog.subset({f"item{i}" for i in range(7)})  # 7 x 0.25 rounds to 2; 7 x 0.1 to 1, but 2 are held out
     assert len(split_by_item(few, 0.1)[1]) == 2 and len(split_by_item(few.subset({"item0", "item1", "item2"}),
@@ -243,7 +243,7 @@ def test_labeled_data_that_is_not_a_regular_file_is_refused_without_blocking(roo
     if os.path.exists("/dev/zero"):
         cases.append(("/dev/zero", "a character device"))
     for path, kind in cases:
-        with deadline(10), pytest.raises(SiameseError, match=rf"Expected a JSON file for --labeled-data. "
+        with deadline(10), pytest.raises(SiameseError, match=rf"Expected a JSON file for `labeled_data`. "
                                                              rf"Received: {kind}: .*Fix: pass the catalog's JSON file"):
             validate_catalog(path, root)
 
@@ -253,7 +253,7 @@ def test_labeled_data_symlink_loop_and_too_long_path(root):
     with pytest.raises(SiameseError, match=r"Labeled data path is a symlink loop: .*loop.json. Fix: point "):
         validate_catalog(root / "loop.json", root)
     with pytest.raises(SiameseError, match=r"Labeled data path is too long for the file system: .*xxx\.\.\. "
-                                           r"\(\d{3},?\d* characters\). Fix: check the --labeled-data path"):
+                                           r"\(\d{3},?\d* characters\). Fix: check the `labeled_data` path"):
         validate_catalog(root / ("x" * 300 + ".json"), root)
     with pytest.raises(SiameseError, match=r"too long for the file system: .*\(6,\d{3} characters\)"):
         validate_catalog(root / ("d/" * 3000 + "c.json"), root)
@@ -271,7 +271,7 @@ def test_labeled_data_over_the_size_limit_even_when_stat_says_less(root, monkeyp
     monkeypatch.setattr(siamese.catalog, "MAX_CATALOG_BYTES", 10)
     path = write_catalog(root, {"a": {"images": [{"filename": "a0.png"}]}})
     with pytest.raises(SiameseError, match=r"labeled.json holds more than 10 bytes, the limit for labeled data. "
-                                           r"Fix: check that --labeled-data names the catalog JSON"):
+                                           r"Fix: check that `labeled_data` names the catalog JSON"):
         validate_catalog(path, root)
     if os.path.exists("/proc/self/maps"):  # a regular file of size 0 with content: only the read sees it
         with pytest.raises(SiameseError, match=r"/proc/self/maps holds more than 10 bytes"):
@@ -357,7 +357,7 @@ def test_unpaired_surrogates_are_problems_and_messages_stay_printable(root):
         f"{path}: item '\\ud800' at $[\"\\ud800\"]: item id contains an unpaired surrogate (half of a \\u escape "
         "pair). Fix: write the id as plain UTF-8 text",
         f"{path}: item 'b' at $[\"b\"].images[0].filename: filename '\\udc80.png' contains an unpaired surrogate "
-        f"(half of a \\u escape pair), which no file name holds. Fix: give the path relative to --image-dir {root}, "
+        f"(half of a \\u escape pair), which no file name holds. Fix: give the path relative to `image_dir` {root}, "
         "inside it",
         f"{path}: item 'b' at $[\"b\"].labels[0]: label contains an unpaired surrogate (half of a \\u escape pair). "
         "Fix: write the label as plain UTF-8 text",

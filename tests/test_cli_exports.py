@@ -210,7 +210,7 @@ def test_query_errors_are_one_line(workdir, run_cli):
     keras.utils.set_random_seed(1)
     build_embedding("small_cnn", 16, 8).save(workdir / "other.keras")
     cases = [
-        (("data/images/a/0.png", "--k", "8"), r"Expected 1 <= k <= 7 \(the index holds 7 images\). Received: 8"),
+        (("data/images/a/0.png", "--k", "8"), r"Expected 1 <= --k <= 7 \(the index holds 7 images\). Received: 8"),
         (("broken.png",), "broken.png: not an image Pillow can read"),
         (("data/images/a/0.png", "--keras-model", "other.keras"), "built by a different model"),
     ]

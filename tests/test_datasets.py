@@ -74,8 +74,8 @@ def test_idx_files_are_checked(tmp_path):
 
 
 def test_unknown_source_and_bad_limit(tmp_path):
-    message = "Expected --source to be one of fashion-mnist, digits, glyphs. Received: 'cifar'"
+    message = "Expected `source` to be one of fashion-mnist, digits, glyphs. Received: 'cifar'"
     with pytest.raises(SiameseError, match=message):
         make_dataset("cifar", tmp_path)  # type: ignore[arg-type]
-    with pytest.raises(SiameseError, match="Expected --limit >= 2. Received: 1"):
+    with pytest.raises(SiameseError, match="Expected `limit` >= 2. Received: 1"):
         make_dataset("digits", tmp_path, limit=1)

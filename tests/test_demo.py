@@ -38,6 +38,6 @@ def test_demo_never_clears_a_folder_that_is_not_its_own(tmp_path):
     from siamese.demo import DemoConfig, run_demo
 
     (tmp_path / "precious.txt").write_text("keep me")
-    with pytest.raises(SiameseError, match="is not a demo folder. Fix: pass another --out"):
+    with pytest.raises(SiameseError, match="is not a demo folder. Fix: pass another `out`"):
         run_demo(DemoConfig(out=str(tmp_path)))
     assert (tmp_path / "precious.txt").read_text() == "keep me"

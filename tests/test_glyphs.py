@@ -179,7 +179,7 @@ def test_make_dataset_dispatches_seed_and_image_size(fonts, tmp_path):
     assert source["seed"] == 3 and source["image_size"] == 16
     first = next(iter(read(tmp_path, "test.json").values()))["images"][0]["filename"]
     assert Image.open(tmp_path / first).size == (16, 16)
-    with pytest.raises(SiameseError, match="Expected --image-size only with --source glyphs. Received: --source dig"):
+    with pytest.raises(SiameseError, match="Expected `image_size` only with `source='glyphs'`. Received: `source=dig"):
         make_dataset("digits", tmp_path, image_size=16)
 
 
@@ -195,9 +195,9 @@ def test_too_few_fonts_names_the_packages(tmp_path):
 
 
 def test_bad_arguments(tmp_path):
-    with pytest.raises(SiameseError, match="Expected --image-size >= 8. Received: 4"):
+    with pytest.raises(SiameseError, match="Expected `image_size` >= 8. Received: 4"):
         make_glyphs(tmp_path, image_size=4)
-    with pytest.raises(SiameseError, match="Expected --seed >= 0. Received: -1"):
+    with pytest.raises(SiameseError, match="Expected `seed` >= 0. Received: -1"):
         make_glyphs(tmp_path, seed=-1)
     with pytest.raises(SiameseError, match="Expected scripts from latin, greek, .*. Received: 'klingon'"):
         make_glyphs(tmp_path, scripts={"train": ("klingon",)})

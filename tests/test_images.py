@@ -201,7 +201,7 @@ def test_bad_images_fail_listing_every_one_with_its_item(mixed):
     assert "\n" not in message
     assert message == (f"3 images in {mixed.image_dir} cannot be used (first: item 'a': empty.png: not an image "
                        "Pillow can read (empty, or another kind of file)). Fix: replace or remove them, or pass "
-                       "--on-bad-image skip to leave them out; run `validate` to list them all.")
+                       "`on_bad_image='skip'` to leave them out; run `validate` to list them all.")
     assert [str(b).split(":")[:2] for b in info.value.bad] == [["item 'a'", " empty.png"], ["item 'a'", " cut.jpg"],
                                                               ["item 'c'", " notes.jpg"]]
 
@@ -231,7 +231,7 @@ def test_check_pass_is_paid_once_for_an_unchanged_folder(mixed, monkeypatch):
 
 
 def test_on_bad_image_is_validated(mixed):
-    with pytest.raises(ValueError, match="Expected --on-bad-image to be 'fail' or 'skip'. Received: 'ignore'"):
+    with pytest.raises(ValueError, match="Expected `on_bad_image` to be 'fail' or 'skip'. Received: 'ignore'"):
         check_images(mixed, "ignore")  # type: ignore[arg-type]
 
 

@@ -80,7 +80,7 @@ def test_k_equal_to_the_index_size_returns_every_row_and_more_is_refused():
     index = random_index(n=30, engine="brute")
     _, indices = index.kneighbors(unit_vectors(2, 16, 1), k=30)
     assert sorted(indices[0]) == list(range(30))
-    with pytest.raises(SiameseError, match=r"Expected 1 <= k <= 30 \(the index holds 30 images\)\. Received: 31"):
+    with pytest.raises(SiameseError, match=r"Expected 1 <= `k` <= 30 \(the index holds 30 images\)\. Received: 31"):
         index.kneighbors(unit_vectors(2, 16, 1), k=31)
     with pytest.raises(SiameseError, match=r"Expected query embeddings of shape \(n, 16\).*Received: \(2, 8\)"):
         index.kneighbors(unit_vectors(2, 8, 1), k=3)
@@ -97,7 +97,7 @@ def test_by_item_keeps_the_best_image_of_each_item(backend):
         best.setdefault(index.items[row], row)
     assert [m.item for m in found] == list(best)[:12]
     assert [m.row for m in found] == [best[i] for i in list(best)[:12]]
-    with pytest.raises(SiameseError, match=r"Expected 1 <= k <= 40 \(the index holds 40 items\)"):
+    with pytest.raises(SiameseError, match=r"Expected 1 <= `k` <= 40 \(the index holds 40 items\)"):
         index.search(query, k=41, by_item=True)
 
 
@@ -108,7 +108,7 @@ def test_rows_must_be_finite_non_zero_and_match_their_metadata():
         Index(np.zeros((2, 3), np.float32), ["a", "b"], ["1", "2"], [[], []])
     with pytest.raises(SiameseError, match=r"one item, filename and labels per row \(2 rows\)\. Received: 1 items"):
         Index(unit_vectors(2, 3, 0), ["a"], ["1", "2"], [[], []])
-    with pytest.raises(SiameseError, match="Expected engine to be one of balltree, brute, hnsw, faiss. Received: 'kd"):
+    with pytest.raises(SiameseError, match="Expected `engine` to be one of balltree, brute, hnsw, faiss. Rec"):
         Index(unit_vectors(2, 3, 0), ["a", "b"], ["1", "2"], [[], []], engine="kd")
 
 
@@ -155,15 +155,15 @@ def test_ef_and_nprobe_trade_recall_for_speed_and_are_checked():
     assert [m.row for m in ivf.search(queries[:1], 3, nprobe=16)[0]] == list(truth[0, :3])
     assert len(hnsw.search(queries[:2], 5, by_item=True, ef=20)[1]) == 5
     cases = [
-        (hnsw, {"ef": 0}, r"Expected 1 <= --ef <= \d+ for this hnsw \(M 4, ef_construction 8, ef \d+\) index\. "
+        (hnsw, {"ef": 0}, r"Expected 1 <= `ef` <= \d+ for this hnsw \(M 4, ef_construction 8, ef \d+\) index\. "
                           "Received: 0"),
-        (ivf, {"nprobe": 17}, r"Expected 1 <= --nprobe <= 16 for this faiss IndexIVFFlat .*Received: 17"),
-        (hnsw, {"nprobe": 4}, r"Expected --nprobe only with a faiss index of at least 100,000 rows .*Received: "
-                              r"--nprobe 4 for a hnsw .*Fix: leave out --nprobe"),
-        (ivf, {"ef": 50}, r"Expected --ef only with an hnsw index\. Received: --ef 50 for a faiss IndexIVFFlat"),
-        (random_index(n=50, dim=64, engine="brute"), {"ef": 50}, "Expected --ef only with an hnsw index.*for a brute "
+        (ivf, {"nprobe": 17}, r"Expected 1 <= `nprobe` <= 16 for this faiss IndexIVFFlat .*Received: 17"),
+        (hnsw, {"nprobe": 4}, r"Expected `nprobe` only with a faiss index of at least 100,000 rows .*Received: "
+                              r"`nprobe=4` for a hnsw .*Fix: leave out `nprobe`"),
+        (ivf, {"ef": 50}, r"Expected `ef` only with an hnsw index\. Received: `ef=50` for a faiss IndexIVFFlat"),
+        (random_index(n=50, dim=64, engine="brute"), {"ef": 50}, "Expected `ef` only with an hnsw index.*for a brute "
                                                                   "index"),
-        (random_index(n=50, dim=64, engine="faiss"), {"nprobe": 2}, "--nprobe 2 for a faiss IndexFlatIP"),
+        (random_index(n=50, dim=64, engine="faiss"), {"nprobe": 2}, "`nprobe=2` for a faiss IndexFlatIP"),
     ]
     for index, knob, message in cases:
         with pytest.raises(SiameseError, match=message):
@@ -171,14 +171,14 @@ def test_ef_and_nprobe_trade_recall_for_speed_and_are_checked():
     # given at build time: the default of queries, with its recall measured
     assert random_index(n=2000, dim=64, engine=Faiss(nlist=16, nprobe=16)).recall_at_10 == 1.0
     assert random_index(n=2000, dim=64, engine=Hnsw(ef=1)).params["ef"] == 1
-    with pytest.raises(SiameseError, match="Expected --nprobe only with a faiss index.*for a faiss IndexFlatIP"):
+    with pytest.raises(SiameseError, match="Expected `nprobe` only with a faiss index.*for a faiss IndexFlatIP"):
         random_index(n=50, engine=Faiss(nprobe=4))
-    for make, message in ((lambda: BallTree(leaf_size=0), "Expected leaf_size >= 1. Received: 0"),
-                          (lambda: Hnsw(m=0), "Expected m >= 1. Received: 0"),
-                          (lambda: Faiss(target_recall=1.5), r"Expected 0 < target_recall <= 1. Received: 1.5")):
+    for make, message in ((lambda: BallTree(leaf_size=0), "Expected `leaf_size` >= 1. Received: 0"),
+                          (lambda: Hnsw(m=0), "Expected `m` >= 1. Received: 0"),
+                          (lambda: Faiss(target_recall=1.5), r"Expected 0 < `target_recall` <= 1. Received: 1.5")):
         with pytest.raises(SiameseError, match=message):
             make()
-    with pytest.raises(SiameseError, match=r"Expected 0 <= nlist <= 50 \(the rows to index"):
+    with pytest.raises(SiameseError, match=r"Expected 0 <= `nlist` <= 50 \(the rows to index"):
         random_index(n=50, engine=Faiss(nlist=51))
 
 

@@ -72,16 +72,16 @@ def test_offline_imagenet_download_says_what_to_do(monkeypatch):
 
     monkeypatch.setattr(keras.src.applications.mobilenet_v2.file_utils, "get_file", offline)
     with pytest.raises(SiameseError, match=r"ImageNet weights for mobilenet_v2 could not be downloaded \(no internet"
-                                           r"\?\).*--weights PATH"):
+                                           r"\?\).*`weights='PATH'`"):
         build_embedding("mobilenet_v2", 32, weights="imagenet")
 
 
 def test_bad_arguments():
-    with pytest.raises(SiameseError, match="Expected --backbone to be one of small_cnn, mobilenet_v2"):
+    with pytest.raises(SiameseError, match="Expected `backbone` to be one of small_cnn, mobilenet_v2"):
         build_embedding("resnet9000")
     with pytest.raises(SiameseError, match="small_cnn has no ImageNet weights"):
         build_embedding("small_cnn", weights="imagenet")
-    with pytest.raises(SiameseError, match="Expected --image-size >= 8. Received: 4"):
+    with pytest.raises(SiameseError, match="Expected `image_size` >= 8. Received: 4"):
         build_embedding("small_cnn", 4)
 
 
@@ -182,5 +182,5 @@ def test_augmentation_acts_in_training_only(digits):
     np.testing.assert_allclose(inference[:, 1], plain, atol=1e-6)
     training = keras.ops.convert_to_numpy(model(images, training=True))
     assert not np.allclose(training[:, 0], training[:, 1])  # two different views of each image
-    with pytest.raises(SiameseError, match="Expected views >= 1, and augmentation for views > 1. Received: views=2"):
+    with pytest.raises(SiameseError, match="Expected `views` >= 1, and augmentation for `views` > 1."):
         build_batch_all(embedding, None, views=2)

@@ -94,7 +94,7 @@ def test_clear_errors_when_a_kind_of_pair_is_impossible(tmp_path):
     singles = load_catalog(solid_catalog(tmp_path / "p", {"a": (1, []), "b": (1, [])}), tmp_path / "p")
     with pytest.raises(SiameseError, match="No positive pairs: none of the 2 items has two or more images"):
         PairSampler(singles)
-    with pytest.raises(SiameseError, match="Expected --seed to be a non-negative integer. Received: -1"):
+    with pytest.raises(SiameseError, match="Expected `seed` to be a non-negative integer. Received: -1"):
         PairSampler(one, seed=-1)
     ok = load_catalog(solid_catalog(tmp_path / "ok", {"a": (2, []), "b": (2, [])}), tmp_path / "ok")
     with pytest.raises(SiameseError, match="Expected at least 2 pairs per epoch. Received: 1"):
@@ -182,7 +182,7 @@ def test_relations_follow_the_label_rule(labeled):
 
 def test_batch_settings_are_checked(labeled):
     sampler = PairSampler(labeled)
-    with pytest.raises(SiameseError, match="Expected --images-per-item >= 2. Received: 1"):
+    with pytest.raises(SiameseError, match="Expected `images_per_item` >= 2. Received: 1"):
         sampler.batches(0, 1, 8, per_item=1)
-    with pytest.raises(SiameseError, match="Expected --batch-size >= 2 for batch-all training. Received: 1"):
+    with pytest.raises(SiameseError, match="Expected `batch_size` >= 2 for batch-all training. Received: 1"):
         sampler.batches(0, 1, 1, per_item=2)

@@ -97,9 +97,9 @@ def test_an_image_that_cannot_be_decoded_is_named(tmp_path):
 def test_pipeline_arguments_are_checked(tmp_path):
     catalog = load_catalog(solid_catalog(tmp_path, {"a": (2, []), "b": (2, [])}), tmp_path)
     sampler = PairSampler(catalog)
-    with pytest.raises(SiameseError, match="Expected --cache to be one of none, memory, disk. Received: 'ram'"):
+    with pytest.raises(SiameseError, match="Expected `cache` to be one of none, memory, disk. Received: 'ram'"):
         pair_dataset(sampler, 8, cache="ram")  # type: ignore[arg-type]
-    with pytest.raises(SiameseError, match="Expected --batch-size >= 1. Received: 0"):
+    with pytest.raises(SiameseError, match="Expected `batch_size` >= 1. Received: 0"):
         pair_dataset(sampler, 8, batch_size=0)
     with pytest.raises(SiameseError, match=r"Expected decoded images of shape \(4, 8, 8, 3\)"):
         pair_dataset(sampler, 8, cache="memory", images=np.zeros((4, 9, 9, 3), np.uint8))

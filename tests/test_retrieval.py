@@ -122,9 +122,9 @@ def test_retrieval_errors():
         retrieval_metrics(x, [1, 1])
     with pytest.raises(SiameseError, match="Expected finite embeddings"):
         retrieval_metrics(np.array([[0.0], [np.nan]]), [1, 1])
-    with pytest.raises(SiameseError, match=r"Expected ks to be positive integers. Received: \(1, 0\)"):
+    with pytest.raises(SiameseError, match=r"Expected `ks` to be positive integers. Received: \(1, 0\)"):
         retrieval_metrics(x, [1, 1, 2], ks=(1, 0))
-    with pytest.raises(SiameseError, match="Expected chunk >= 1. Received: 0"):
+    with pytest.raises(SiameseError, match="Expected `chunk` >= 1. Received: 0"):
         retrieval_metrics(x, [1, 1, 2], chunk=0)
 
 

@@ -77,10 +77,10 @@ def test_names_collide_only_when_stems_do():
 
 
 def test_bad_folders_and_settings_are_refused(tmp_path, model):
-    with pytest.raises(SiameseError, match="Expected --image-dir to be a folder. Received: .*missing"):
+    with pytest.raises(SiameseError, match="Expected `image_dir` to be a folder. Received: .*missing"):
         folder_similarity(model, tmp_path / "missing", tmp_path / "out")
     (tmp_path / "empty").mkdir()
     with pytest.raises(SiameseError, match="holds no images"):
         folder_similarity(model, tmp_path / "empty", tmp_path / "out")
-    with pytest.raises(SiameseError, match="Expected --top-k >= 1. Received: 0"):
+    with pytest.raises(SiameseError, match="Expected `top_k` >= 1. Received: 0"):
         folder_similarity(model, tmp_path, tmp_path / "out", top_k=0)

@@ -157,23 +157,23 @@ def test_training_runs_the_image_check_first(tmp_path):
 
 @pytest.mark.parametrize(
     ("change", "message"),
-    [({"out": "model.pt"}, r"Expected --out to end in .keras, .h5, .hdf5. Received: model.pt"),
-     ({"loss": "hinge"}, r"Expected --loss to be one of contrastive, triplet, supcon. Received: 'hinge'"),
-     ({"loss": "supcon", "mining": "pairs"}, r"Expected --mining batch-all with --loss supcon. Received: 'pairs'"),
-     ({"monitor": "loss"}, r"Expected --monitor to be one of val_map_at_r, val_precision_at_1, val_loss. "
+    [({"out": "model.pt"}, r"Expected `out` to end in .keras, .h5, .hdf5. Received: model.pt"),
+     ({"loss": "hinge"}, r"Expected `loss` to be one of contrastive, triplet, supcon. Received: 'hinge'"),
+     ({"loss": "supcon", "mining": "pairs"}, r"Expected `mining='batch-all'` with `loss='supcon'`. Received: 'pairs'"),
+     ({"monitor": "loss"}, r"Expected `monitor` to be one of val_map_at_r, val_precision_at_1, val_loss. "
                            r"Received: 'loss'"),
-     ({"temperature": 0.0}, r"Expected --temperature > 0. Received: 0.0"),
-     ({"views": 0}, r"Expected --views >= 1. Received: 0"),
-     ({"learning_rate": float("nan")}, r"Expected a finite --learning-rate. Received: nan"),
-     ({"margin": float("inf")}, r"Expected a finite --margin. Received: inf"),
-     ({"epochs": 0}, r"Expected --epochs >= 1. Received: 0"),
-     ({"margin": -1.0}, r"Expected --margin and --learning-rate > 0"),
-     ({"cache": "gpu"}, r"Expected --cache to be auto, none, memory, disk. Received: 'gpu'"),
-     ({"mining": "hard"}, r"Expected --mining to be one of batch-all, pairs. Received: 'hard'"),
-     ({"images_per_item": 1}, r"Expected 2 <= --images-per-item <= --batch-size with --mining batch-all. "
+     ({"temperature": 0.0}, r"Expected `temperature` > 0. Received: 0.0"),
+     ({"views": 0}, r"Expected `views` >= 1. Received: 0"),
+     ({"learning_rate": float("nan")}, r"Expected a finite `learning_rate`. Received: nan"),
+     ({"margin": float("inf")}, r"Expected a finite `margin`. Received: inf"),
+     ({"epochs": 0}, r"Expected `epochs` >= 1. Received: 0"),
+     ({"margin": -1.0}, r"Expected `margin` and `learning_rate` > 0"),
+     ({"cache": "gpu"}, r"Expected `cache` to be auto, none, memory, disk. Received: 'gpu'"),
+     ({"mining": "hard"}, r"Expected `mining` to be one of batch-all, pairs. Received: 'hard'"),
+     ({"images_per_item": 1}, r"Expected 2 <= `images_per_item` <= `batch_size` with `mining='batch-all'`. "
                               r"Received: 1 and 64"),
-     ({"lr_schedule": "step"}, r"Expected --lr-schedule to be one of constant, cosine. Received: 'step'"),
-     ({"weight_decay": -0.1}, r"Expected --weight-decay >= 0. Received: -0.1")],
+     ({"lr_schedule": "step"}, r"Expected `lr_schedule` to be one of constant, cosine. Received: 'step'"),
+     ({"weight_decay": -0.1}, r"Expected `weight_decay` >= 0. Received: -0.1")],
 )
 def test_settings_are_checked_before_anything_runs(tmp_path, change, message):
     config = TrainConfig(labeled_data="x.json", image_dir=str(tmp_path), **change)
@@ -292,7 +292,7 @@ def test_a_diverged_run_with_nothing_held_out_saves_nothing_and_says_so(digits, 
     out = tmp_path / "diverged.keras"
     config = digits_config(digits, out, epochs=2, val_fraction=0, learning_rate=1e38, lr_schedule="constant")
     with pytest.raises(SiameseError, match=r"Training diverged: the loss was not finite by the end of epoch 1, so no "
-                                           r"model was saved at .*diverged.keras. Fix: lower --learning-rate."):
+                                           r"model was saved at .*diverged.keras. Fix: lower `learning_rate`."):
         train(config, verbose=0)
     assert not out.exists()
     # the diverged epoch is in the history as nulls: strict JSON, no NaN

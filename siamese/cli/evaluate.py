@@ -24,7 +24,7 @@ def register(commands) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     add_model_args(p)
     g = p.add_argument_group("figures")
-    g.add_argument("--k", type=int, nargs="+", default=[1, 5, 10], metavar="K", help="recall@k for these k "
+    g.add_argument("--k", dest="ks", type=int, nargs="+", default=[1, 5, 10], metavar="K", help="recall@k for these k "
                    "(default 1 5 10)")
     g.add_argument("--pairs", type=int, default=4096, help="pairs for the threshold, half same-item (default 4096)")
     g.add_argument("--seed", type=int, default=0, help="seed of the threshold pairs (default 0)")
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     catalog = check_images(load_catalog(args.labeled_data, args.image_dir), args.on_bad_image, progress=progress)
     results = evaluate_models(catalog, args.keras_model, args.backbone, args.weights, args.image_size,
-                              baseline=not args.no_baseline, pixels=not args.no_pixels, ks=args.k, pairs=args.pairs,
+                              baseline=not args.no_baseline, pixels=not args.no_pixels, ks=args.ks, pairs=args.pairs,
                               seed=args.seed, batch_size=args.batch_size, progress=progress)
     if args.json:
         print(json.dumps([{"model": info.to_dict(), **e.to_dict()} for info, e in results], indent=2))

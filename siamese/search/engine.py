@@ -116,23 +116,23 @@ class Engine(ABC):
             owners = [e.knob_text for e in ENGINES.values() if e.knob == name]
             if not owners:
                 raise SiameseError(f"Expected a query-time setting among {', '.join(knobs())}. Received: {name}")
-            raise SiameseError(f"Expected --{name} only with {' or '.join(owners)}. Received: --{name} {value} "
-                               f"for a {self.describe()} index. Fix: leave out --{name}.")
+            raise SiameseError(f"Expected `{name}` only with {' or '.join(owners)}. Received: `{name}={value}` "
+                               f"for a {self.describe()} index. Fix: leave out `{name}`.")
         low, high = self.knob_range
         if not low <= value <= high:
-            raise SiameseError(f"Expected {low} <= --{name} <= {high} for this {self.describe()} index. "
+            raise SiameseError(f"Expected {low} <= `{name}` <= {high} for this {self.describe()} index. "
                                f"Received: {value}")
 
 
 def check_at_least(name: str, value: int, least: int = 1) -> None:
     """Refuse a setting `name` below `least` (an engine's constructor)."""
     if not isinstance(value, int) or value < least:
-        raise SiameseError(f"Expected {name} >= {least}. Received: {value!r}")
+        raise SiameseError(f"Expected `{name}` >= {least}. Received: {value!r}")
 
 
 def check_target_recall(value: float) -> None:
     if not 0 < value <= 1:
-        raise SiameseError(f"Expected 0 < target_recall <= 1. Received: {value}")
+        raise SiameseError(f"Expected 0 < `target_recall` <= 1. Received: {value}")
 
 
 ENGINES: dict[str, type[Engine]] = {}
@@ -157,7 +157,7 @@ def engine_class(name: str) -> type[Engine]:
     """The registered engine `name` (or alias)."""
     cls = ENGINES.get(ALIASES.get(name, name))
     if cls is None:
-        raise SiameseError(f"Expected engine to be one of {', '.join(ENGINES)}. Received: {name!r}. Fix: pass a "
+        raise SiameseError(f"Expected `engine` to be one of {', '.join(ENGINES)}. Received: {name!r}. Fix: pass a "
                            "registered name or an Engine (see siamese.search.register_engine).")
     return cls
 

@@ -58,7 +58,7 @@ class Faiss(Engine):
         if nlist is None:
             nlist = int(4 * rows**0.5) if rows >= FAISS_IVF_MIN_ROWS else 0
         if nlist > rows:
-            raise SiameseError(f"Expected 0 <= nlist <= {rows} (the rows to index; 0 is exact). Received: {nlist}")
+            raise SiameseError(f"Expected 0 <= `nlist` <= {rows} (the rows to index; 0 is exact). Received: {nlist}")
         self.params = {"library": f"faiss {faiss.__version__}", "metric": "inner_product", "nlist": nlist}
         if not nlist:
             self.index = faiss.IndexFlatIP(dim)

@@ -157,7 +157,7 @@ class Index:
             )
         if not 1 <= k <= len(self):
             raise SiameseError(
-                f"Expected 1 <= k <= {len(self)} (the index holds {plural(len(self), 'image')}). Received: {k}"
+                f"Expected 1 <= `k` <= {len(self)} (the index holds {plural(len(self), 'image')}). Received: {k}"
             )
         engine = self.search_engine
         for name, value in knob.items():
@@ -177,7 +177,7 @@ class Index:
             return [self._matches(d, i) for d, i in zip(*self.kneighbors(vectors, k, **knob), strict=True)]
         n_items = len(set(self.items))
         if not 1 <= k <= n_items:
-            raise SiameseError(f"Expected 1 <= k <= {n_items} (the index holds {plural(n_items, 'item')}). "
+            raise SiameseError(f"Expected 1 <= `k` <= {n_items} (the index holds {plural(n_items, 'item')}). "
                                f"Received: {k}")
         results = []
         for vector in np.asarray(vectors, np.float32):
