@@ -11,6 +11,9 @@ DATA ?= $(HOME)
 DOCKER ?= docker
 IMAGE ?= siamese
 PORT ?= 8888
+# make serve: the index it serves, and its port.
+INDEX ?= exports/index
+SERVE_PORT ?= 8000
 # BASE_IMAGE: build on another base than the official tensorflow/tensorflow:2.21.0(-gpu) (see docker/).
 BASE_IMAGE ?=
 # GPUS: what the GPU targets give docker (GPUS= runs the GPU image on the CPU). DOCKER_TTY: -it at a terminal,
@@ -30,7 +33,7 @@ DOCKER_RUN = $(DOCKER) run --rm $(DOCKER_TTY) --user $$(id -u):$$(id -g) -e HOME
 	-v "$(CURDIR)":/app -v "$(abspath $(DATA))":/data \
 	-v "$(HOME)/.keras":/tmp/.keras -v "$(HOME)/.cache/siamese":/tmp/.cache/siamese -w /app
 
-.PHONY: help install demo test test-fast test-docker lint bench bench-train bench-open-set docker-build docker-build-cpu docker-build-gpu notebook \
+.PHONY: help install demo serve serve-docker test test-fast test-docker lint bench bench-train bench-open-set docker-build docker-build-cpu docker-build-gpu notebook \
 	notebook-local bash-cpu bash-gpu
 
 help:
@@ -39,6 +42,7 @@ help:
 	@echo "make test      the test suite (what CI runs)"
 	@echo "make test-fast the tests that do not train or run end to end (a quick loop; make test runs all)"
 	@echo "make test-docker  build both images on a local Debian base and run the docker targets (needs dockerd)"
+	@echo "make serve INDEX=exports/index  the search service and its page on http://127.0.0.1:$(SERVE_PORT)"
 	@echo "make lint      ruff"
 	@echo "make bench     input pipeline, index and embedding benchmarks (figures in docs/benchmarks.md; about 6 minutes)"
 	@echo "make bench-train  train small_cnn on Fashion-MNIST, closed-set precision@1 and speed (about 15 minutes)"
@@ -62,6 +66,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+serve: $(STAMP)
+	$(BIN)/python utilities.py serve --index $(INDEX) --port $(SERVE_PORT)
 
 # The quick loop: everything but the tests that train or run end to end (marked slow).
 test-fast: $(STAMP)
@@ -117,3 +124,14 @@ bash-gpu: docker-build-gpu
 bash-cpu: docker-build-cpu
 	@mkdir -p "$(HOME)/.keras" "$(HOME)/.cache/siamese"
 	$(DOCKER_RUN) $(IMAGE):cpu $(COMMAND)
+
+# The search service in the CPU image, published on 127.0.0.1 only. It listens on 0.0.0.0 inside the container,
+# so it needs a token: yours in SIAMESE_TOKEN, or a fresh one printed with the address. INDEX is a path under
+# the repo (/app) or DATA (/data), and the index must have been built where its paths resolve in the container
+# (e.g. make bash-cpu COMMAND="python utilities.py index ...").
+serve-docker: docker-build-cpu
+	@mkdir -p "$(HOME)/.keras" "$(HOME)/.cache/siamese"
+	@token="$${SIAMESE_TOKEN:-$$(python3 -c 'import secrets; print(secrets.token_hex(16))')}"; \
+	printf 'Search page: http://127.0.0.1:%s/#token=%s\n' "$(SERVE_PORT)" "$$token"; \
+	SIAMESE_TOKEN="$$token" $(DOCKER_RUN) -p 127.0.0.1:$(SERVE_PORT):8000 -e SIAMESE_TOKEN $(IMAGE):cpu \
+		python utilities.py serve --index $(INDEX) --host 0.0.0.0 --port 8000

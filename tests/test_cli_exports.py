@@ -67,6 +67,7 @@ def test_seed_index_commands_with_a_trained_model_then_query(workdir, run_cli):
     answer = json.loads(out)
     assert answer[0]["query"] == query
     first = answer[0]["neighbours"][0]
+    assert [m["rank"] for m in answer[0]["neighbours"]] == [1, 2]
     assert (first["item"], first["filename"], first["labels"]) == ("b", "images/b/1.png", ["red"])
     assert first["similarity"] == pytest.approx(1.0, abs=1e-5)
 

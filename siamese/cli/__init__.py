@@ -20,8 +20,8 @@ from siamese import __version__
 from siamese.cli.common import Parser, translate
 from siamese.errors import SiameseError, os_error_message
 
-COMMANDS = ("validate", "train", "export", "index", "merge_index", "query", "similarity", "evaluate", "make_dataset",
-            "demo")
+COMMANDS = ("validate", "train", "export", "index", "merge_index", "query", "serve", "similarity", "evaluate",
+            "make_dataset", "demo")
 """The command modules of `siamese.cli`, in the order of the job (and of --help)."""
 
 SEED_EXPORTS = {"savedmodel": "export", "balltree": "index"}

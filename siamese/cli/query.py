@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     results = Embedder.of_index(index, args.keras_model).search(index, args.images, args.k, args.by_item,
                                                                  **knobs(args))
     if args.json:
-        print(json.dumps([{"query": q, "neighbours": [m.to_dict() for m in r]}
+        print(json.dumps([{"query": q, "neighbours": [{"rank": n, **m.to_dict()} for n, m in enumerate(r, 1)]}
                           for q, r in zip(args.images, results, strict=True)], indent=2, ensure_ascii=False))
         return 0
     for query, matches in zip(args.images, results, strict=True):
