@@ -1,5 +1,6 @@
 """The seed's docker workflow run for real (`make test-docker`): both images built on a local Debian base, then
-`make bash-cpu`, `make notebook` and `make bash-gpu` as a user would type them, against a real docker engine.
+`make bash-cpu`, `make serve-docker`, `make notebook` and `make bash-gpu` as a user would type them, against a real
+docker engine.
 
 Docker Hub cannot be reached here, so the images are built on `docker/make-test-base.sh`'s Debian bookworm
 (`BASE_IMAGE`), the GPU one with CPU TensorFlow: that proves everything but CUDA. The commands run as a user
@@ -99,7 +100,7 @@ def owners(folder: Path) -> set[int]:
     return {p.stat().st_uid for p in [folder, *folder.rglob("*")]}
 
 
-def test_make_bash_cpu_runs_the_seeds_commands_as_the_user(repo):
+def test_make_bash_cpu_runs_the_seeds_commands_as_the_user_and_serve_docker_serves_the_index(repo):
     uid = USER if os.geteuid() == 0 else os.geteuid()
     train = ("python utilities.py train --labeled-data /data/digits/train.json --image-dir /data/digits "
              "--output checkpoints/X.hdf5 --epochs 1 --images-per-epoch 256 --image-size 16 --no-progress")
@@ -114,10 +115,43 @@ def test_make_bash_cpu_runs_the_seeds_commands_as_the_user(repo):
     index = json.loads((repo.parent / "data" / "index" / "index.json").read_text())
     assert index["rows"] == 200 and index["embedder"]["keras_model"] == "/app/checkpoints/X.hdf5"
     assert owners(repo / "checkpoints") == owners(repo / "exports") == owners(repo.parent / "data" / "index") == {uid}
+    served_by_the_cpu_image(repo)
 
 
-def _get(url: str, token: str | None = None) -> int:
-    request = urllib.request.Request(url, headers={"Authorization": f"token {token}"} if token else {})
+def served_by_the_cpu_image(repo: Path) -> None:
+    """`make serve-docker` on the index just built in the container: on 127.0.0.1 only, and only with the token."""
+    port, token = _free_port(), "serve-token"
+    server = make(repo, "serve-docker", "INDEX=/data/index", f"SERVE_PORT={port}", popen=True,
+                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                  env={**os.environ, "HOME": str(repo.parent / "home"), "SIAMESE_TOKEN": token})
+    try:
+        deadline = time.monotonic() + 300
+        while _get(f"http://127.0.0.1:{port}/health") != 200:
+            assert server.poll() is None, server.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "serve did not answer within 5 minutes"
+            time.sleep(1)
+        assert _get(f"http://127.0.0.1:{port}/info") == 401
+        assert _get(f"http://127.0.0.1:{port}/info", token, scheme="Bearer") == 200
+        image = next((repo.parent / "data" / "digits" / "images" / "train").rglob("*.png")).read_bytes()  # indexed
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/search?k=3", data=image, method="POST",
+                                         headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.loads(response.read())
+        assert len(answer["neighbours"]) == 3 and answer["neighbours"][0]["similarity"] > 0.999
+        for address in _other_addresses():
+            with pytest.raises(OSError), socket.create_connection((address, port), timeout=3):
+                pass
+    finally:
+        ids = subprocess.run(["docker", "ps", "-q", "--filter", f"ancestor={IMAGE}:cpu"], capture_output=True,
+                             text=True).stdout.split()
+        if ids:
+            subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
+        server.kill()
+        server.wait()
+
+
+def _get(url: str, token: str | None = None, scheme: str = "token") -> int:
+    request = urllib.request.Request(url, headers={"Authorization": f"{scheme} {token}"} if token else {})
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return response.status
