@@ -49,6 +49,7 @@ def test_seed_export_savedmodel_of_a_pretrained_backbone(workdir, run_cli):
     assert info["embedding_dim"] == 1280 and info["image_size"] == 32
 
 
+@pytest.mark.slow  # over 5 s with its fixture: make test runs it, make test-fast not
 def test_seed_index_commands_with_a_trained_model_then_query(workdir, run_cli):
     code, out, err = run_cli("--export", "balltree", "--keras-model", "checkpoints/file_saved_by_notebook.hdf5",
                              "--labeled-data", "data/labeled.json", "--image-dir", "data", "--no-progress")

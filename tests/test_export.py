@@ -238,6 +238,7 @@ def served(tmp_path_factory, exported, images):
     return np.load(root / "out.npz"), json.loads(result.stdout.splitlines()[-1]), pixels
 
 
+@pytest.mark.slow  # over 5 s with its fixture: make test runs it, make test-fast not
 def test_signatures_equal_the_keras_model_on_decode_image_pixels(served, model, images):
     out, report, pixels = served
     expected = model.predict(pixels, verbose=0)
@@ -251,11 +252,13 @@ def test_signatures_equal_the_keras_model_on_decode_image_pixels(served, model, 
     assert report["ours"] == []  # TensorFlow alone served them
 
 
+@pytest.mark.slow  # over 5 s with its fixture: make test runs it, make test-fast not
 def test_bad_bytes_raise_invalid_argument(served):
     _, report, _ = served
     assert report["errors"] == dict.fromkeys(("text", "empty", "truncated", "strip"), "InvalidArgumentError")
 
 
+@pytest.mark.slow  # over 5 s with its fixture: make test runs it, make test-fast not
 def test_versions_and_their_description(exported, model):
     assert sorted(os.listdir(exported)) == ["1", "2", "3"]  # numbered in order, no temporary folder left
     for version, source in zip("123", ("built", ".keras", ".hdf5"), strict=True):
@@ -268,6 +271,7 @@ def test_versions_and_their_description(exported, model):
         assert (exported / version / "saved_model.pb").is_file()
 
 
+@pytest.mark.slow  # over 5 s with its fixture: make test runs it, make test-fast not
 def test_existing_version_is_refused(exported, model, tmp_path):
     with pytest.raises(SiameseError, match=r"Expected a new version number. Received: 2, but .*exports/2 already "
                                            r"exists. Fix: leave out the version to write version 4"):

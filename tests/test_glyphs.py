@@ -49,6 +49,7 @@ def read(out: Path, name: str) -> dict:
     return json.loads((out / name).read_text())
 
 
+@pytest.mark.slow  # over 5 s with its fixture: make test runs it, make test-fast not
 def test_counts_and_files_match_the_json(glyphs):
     source = read(glyphs, "source.json")
     on_disk = {str(p.relative_to(glyphs)) for p in (glyphs / "images").rglob("*.png")}
@@ -64,6 +65,7 @@ def test_counts_and_files_match_the_json(glyphs):
     assert source["seed"] == 0 and source["image_size"] == 32
 
 
+@pytest.mark.slow  # over 5 s with its fixture: make test runs it, make test-fast not
 def test_item_ids_name_letters_of_disjoint_scripts(glyphs):
     scripts = {}
     for split, names in SMALL.items():
@@ -80,6 +82,7 @@ def test_item_ids_name_letters_of_disjoint_scripts(glyphs):
     assert "latin-0041" in train and "cyrillic-0410" not in train and "cyrillic-0411" in train
 
 
+@pytest.mark.slow  # over 5 s with its fixture: make test runs it, make test-fast not
 def test_images_are_distinct_dark_glyphs_on_white(glyphs):
     for split in ("train", "test"):
         for item in read(glyphs, f"{split}.json").values():
@@ -159,6 +162,7 @@ def test_find_fonts_skips_broken_duplicate_and_symbol_fonts(tmp_path):
     assert not has_glyph(tmp_path / "c.ttf", "A")
 
 
+@pytest.mark.slow  # over 5 s with its fixture: make test runs it, make test-fast not
 def test_same_seed_same_bytes_other_seed_other_bytes(fonts, tmp_path):
     def files(seed: int, name: str) -> dict[str, bytes]:
         out = tmp_path / name
