@@ -172,6 +172,7 @@ def test_the_token_guards_the_data_and_not_the_page(served):
         assert c.get("/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert c.get("/info", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert c.get("/images/0", params={"access_token": "s3cret", "size": 32}).status_code == 200
+        assert c.get("/images/0", params={"access_token": "s3cre", "size": 32}).status_code == 401
         assert c.get("/").status_code == c.get("/health").status_code == 200
     with pytest.raises(SiameseError, match=r"Expected a `token` to serve beyond this machine\. Received: host "
                                            r"0\.0\.0\.0 and no token"):

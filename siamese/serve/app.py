@@ -18,6 +18,7 @@ import signal
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -95,7 +96,7 @@ class _Guard:
         if self.token is None or path == "/" or any(path.startswith(p) for p in OPEN_PATHS[1:]):
             return None
         sent = headers.get(b"authorization", b"").decode("latin-1")
-        query = dict(p.split("=", 1) for p in scope.get("query_string", b"").decode("latin-1").split("&") if "=" in p)
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
         given = sent.removeprefix("Bearer ").strip() if sent.startswith("Bearer ") else query.get("access_token", "")
         if not hmac.compare_digest(given.encode(), self.token.encode()):
             return Problem(401, "Expected the server's token. Fix: send the header 'Authorization: Bearer TOKEN' "
