@@ -125,11 +125,7 @@ def served_by_the_cpu_image(repo: Path) -> None:
                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                   env={**os.environ, "HOME": str(repo.parent / "home"), "SIAMESE_TOKEN": token})
     try:
-        deadline = time.monotonic() + 300
-        while _get(f"http://127.0.0.1:{port}/health") != 200:
-            assert server.poll() is None, server.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "serve did not answer within 5 minutes"
-            time.sleep(1)
+        wait_for(server, f"http://127.0.0.1:{port}/health", None, "serve")
         assert _get(f"http://127.0.0.1:{port}/info") == 401
         assert _get(f"http://127.0.0.1:{port}/info", token, scheme="Bearer") == 200
         image = next((repo.parent / "data" / "digits" / "images" / "train").rglob("*.png")).read_bytes()  # indexed
@@ -138,16 +134,9 @@ def served_by_the_cpu_image(repo: Path) -> None:
         with urllib.request.urlopen(request, timeout=30) as response:
             answer = json.loads(response.read())
         assert len(answer["neighbours"]) == 3 and answer["neighbours"][0]["similarity"] > 0.999
-        for address in _other_addresses():
-            with pytest.raises(OSError), socket.create_connection((address, port), timeout=3):
-                pass
+        assert_loopback_only(port)
     finally:
-        ids = subprocess.run(["docker", "ps", "-q", "--filter", f"ancestor={IMAGE}:cpu"], capture_output=True,
-                             text=True).stdout.split()
-        if ids:
-            subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
-        server.kill()
-        server.wait()
+        stop(server, "cpu")
 
 
 def _get(url: str, token: str | None = None, scheme: str = "token") -> int:
@@ -173,6 +162,31 @@ def _other_addresses() -> list[str]:
     return [a for a in out if ":" not in a and not a.startswith("127.")]
 
 
+def wait_for(server: subprocess.Popen, url: str, token: str | None, what: str) -> None:
+    """Wait until `url` answers 200 (5 minutes at most) while the `make` of `server` runs."""
+    deadline = time.monotonic() + 300
+    while _get(url, token) != 200:
+        assert server.poll() is None, server.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, f"{what} did not answer within 5 minutes"
+        time.sleep(1)
+
+
+def stop(server: subprocess.Popen, tag: str) -> None:
+    """Remove the containers of the image `IMAGE:tag` that `server` (a `make` in the background) started."""
+    ids = subprocess.run(["docker", "ps", "-q", "--filter", f"ancestor={IMAGE}:{tag}"], capture_output=True,
+                         text=True).stdout.split()
+    if ids:
+        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
+    server.kill()
+    server.wait()
+
+
+def assert_loopback_only(port: int) -> None:
+    for address in _other_addresses():
+        with pytest.raises(OSError), socket.create_connection((address, port), timeout=3):
+            pass
+
+
 @pytest.fixture
 def notebook(repo) -> Iterator[tuple[int, str]]:
     """`make notebook` (the GPU image on the CPU: GPUS=) running in the background: yields (port, token)."""
@@ -181,28 +195,17 @@ def notebook(repo) -> Iterator[tuple[int, str]]:
                   stderr=subprocess.STDOUT, env={**os.environ, "HOME": str(repo.parent / "home"),
                                                   "JUPYTER_TOKEN": token})
     try:
-        deadline = time.monotonic() + 300
-        while _get(f"http://127.0.0.1:{port}/api/status", token) != 200:
-            assert server.poll() is None, server.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "Jupyter did not answer within 5 minutes"
-            time.sleep(1)
+        wait_for(server, f"http://127.0.0.1:{port}/api/status", token, "Jupyter")
         yield port, token
     finally:
-        ids = subprocess.run(["docker", "ps", "-q", "--filter", f"ancestor={IMAGE}:gpu"], capture_output=True,
-                             text=True).stdout.split()
-        if ids:
-            subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
-        server.kill()
-        server.wait()
+        stop(server, "gpu")
 
 
 def test_make_notebook_answers_on_localhost_only_and_only_with_the_token(notebook):
     port, token = notebook
     assert _get(f"http://127.0.0.1:{port}/api/status", token) == 200
     assert _get(f"http://127.0.0.1:{port}/api/status") == 403
-    for address in _other_addresses():
-        with pytest.raises(OSError), socket.create_connection((address, port), timeout=3):
-            pass
+    assert_loopback_only(port)
 
 
 def test_the_notebook_runs_inside_the_container_on_the_mounted_catalog(repo):
