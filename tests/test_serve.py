@@ -206,6 +206,29 @@ def test_requests_that_arrive_together_share_a_model_call(served, caplog):
     assert sum(line.startswith("POST /search 200 ") and line.endswith(" ms") for line in lines) == 16
 
 
+def test_requests_of_one_model_call_share_a_search_per_question(served):
+    index_dir, embedder, index = served
+    paths = queries(index, 8)
+    asks = [(path, k, by_item) for path in paths for k, by_item in ((3, False), (5, False), (3, True), (0, False))]
+    app = create_app(index_dir, wait_ms=50, watch_seconds=0)
+    batcher = app.state.live.current.batcher
+
+    async def burst():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await asyncio.gather(*(c.post("/search", params={"k": k, "by_item": by_item},
+                                                 content=Path(path).read_bytes()) for path, k, by_item in asks))
+
+    responses = asyncio.run(burst())
+    for (path, k, by_item), r in zip(asks, responses, strict=True):  # each its own question's answer
+        if k == 0:  # refused alone: the others of its model call are answered
+            assert r.status_code == 400 and "Expected 1 <= `k` <=" in r.json()["detail"]
+        else:
+            assert r.status_code == 200
+            assert_same(r.json()["neighbours"], expected(embedder, index, path, k, by_item))
+    assert batcher.then_calls <= 4 * batcher.calls < len(asks)  # one search per question and model call
+
+
 def test_reload_swaps_in_a_new_index_and_keeps_the_old_when_the_new_is_broken(served, digits, tmp_path):
     index_dir = served[0]
     folder = tmp_path / "live"

@@ -3,12 +3,15 @@
 `Batcher.embed(pixels)` waits at most `wait_ms` (default 2) for other requests, up to `max_batch` images (default
 32), then runs the model once, on one thread, for all of them. While the model runs, new requests gather for the next
 call, which starts as soon as this one ends: under load the batches grow by themselves, and alone a request waits
-`wait_ms` at most.
+`wait_ms` at most. `Batcher.embed(pixels, then, key)` answers `then(embeddings)` instead (e.g. the kNN search): the
+requests of one model call with the same `key` get one call of `then` on all their embeddings, on a thread of its own
+while the next model call runs (one search of 16 vectors costs far less than 16 searches of one).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 
 import keras
@@ -22,20 +25,26 @@ class Batcher:
         self.model = model
         self.image_size = int(model.input_shape[1])
         self.max_batch, self.wait = max_batch, wait_ms / 1000
-        self._pending: list[tuple[np.ndarray, asyncio.Future]] = []
+        self._pending: list[tuple[np.ndarray, asyncio.Future, Callable | None, Hashable]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._busy = False  # a model call is running
+        self._tasks: set[asyncio.Task] = set()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="siamese-model")
+        self._then_pool = ThreadPoolExecutor(1, thread_name_prefix="siamese-search")
         self.calls = 0  # model calls so far, for tests and /info
+        self.then_calls = 0  # calls of `then` (searches) so far, for tests
 
-    async def embed(self, pixels: np.ndarray) -> np.ndarray:
-        """The embeddings `(n, dim)` of uint8 `pixels` `(n, size, size, 3)`, batched with concurrent requests."""
+    async def embed(self, pixels: np.ndarray, then: Callable[[np.ndarray], list] | None = None,
+                    key: Hashable = None):
+        """The embeddings `(n, dim)` of uint8 `pixels` `(n, size, size, 3)`, batched with concurrent requests; with
+        `then`, what `then` answers for them (a list, one entry per image), called once for all the requests of a
+        model call that give the same `key` (which must mean the same `then`)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((pixels, future))
+        self._pending.append((pixels, future, then, key))
         if self._busy:
             pass  # the next call takes it when the running one ends
-        elif sum(len(p) for p, _ in self._pending) >= self.max_batch:
+        elif sum(len(entry[0]) for entry in self._pending) >= self.max_batch:
             self._flush()
         elif self._timer is None:
             self._timer = loop.call_later(self.wait, self._flush)
@@ -53,26 +62,54 @@ class Batcher:
             taken += 1
         batch, self._pending = self._pending[:taken], self._pending[taken:]
         self._busy = True
-        asyncio.get_running_loop().create_task(self._run(batch))
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self._tasks.add(task)  # held until done: the event loop keeps only a weak reference to a task
+        task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, batch: list[tuple[np.ndarray, asyncio.Future]]) -> None:
-        images = np.concatenate([pixels for pixels, _ in batch])
+    async def _run(self, batch: list[tuple[np.ndarray, asyncio.Future, Callable | None, Hashable]]) -> None:
+        loop = asyncio.get_running_loop()
+        images = np.concatenate([entry[0] for entry in batch])
         try:
-            vectors = await asyncio.get_running_loop().run_in_executor(self._pool, self._predict, images)
+            vectors = await loop.run_in_executor(self._pool, self._predict, images)
         except Exception as e:  # every waiting request gets the error
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(e)
+            _fail([entry[1] for entry in batch], e)
             return
         finally:
             self._busy = False
-            self._flush()
+            self._flush()  # the next model call starts while this batch's searches run
+        groups: dict[Hashable, list[tuple[np.ndarray, asyncio.Future, Callable]]] = {}
         start = 0
-        for pixels, future in batch:
-            if not future.done():
-                future.set_result(vectors[start : start + len(pixels)])
+        for pixels, future, then, key in batch:
+            part = vectors[start : start + len(pixels)]
             start += len(pixels)
+            if then is None:
+                if not future.done():
+                    future.set_result(part)
+            else:
+                groups.setdefault(key, []).append((part, future, then))
+        for members in groups.values():
+            try:
+                answers = await loop.run_in_executor(self._then_pool, self._then, members[0][2],
+                                                     np.concatenate([part for part, _, _ in members]))
+            except Exception as e:  # the same `key`, the same error for each (e.g. k out of range)
+                _fail([future for _, future, _ in members], e)
+                continue
+            start = 0
+            for part, future, _ in members:
+                if not future.done():
+                    future.set_result(answers[start : start + len(part)])
+                start += len(part)
+
+    def _then(self, then: Callable[[np.ndarray], list], vectors: np.ndarray) -> list:
+        self.then_calls += 1
+        return then(vectors)
 
     def _predict(self, images: np.ndarray) -> np.ndarray:
         self.calls += 1
         return np.asarray(self.model.predict_on_batch(images), np.float32)
+
+
+def _fail(futures: list[asyncio.Future], error: Exception) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(error)
