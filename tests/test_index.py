@@ -428,3 +428,22 @@ def test_a_different_model_is_refused(tmp_path, small_model):
     wider = build_embedding("small_cnn", 16, 4)
     with pytest.raises(SiameseError, match="different model.*Received: wide, 4-d"):
         Embedder(wider, describe(wider, "wide"), {}).check(index)
+
+
+@pytest.mark.parametrize("by_item", [False, True])
+def test_a_label_keeps_the_nearest_images_that_have_it(by_item):
+    n = 400
+    labels = [["even"] if i % 2 == 0 else ["odd", *(["rare"] if i % 50 == 1 else [])] for i in range(n)]
+    index = Index(unit_vectors(n, 16, 0), [f"item{i % 40}" for i in range(n)], [f"{i}.png" for i in range(n)], labels)
+    query = unit_vectors(1, 16, seed=5)
+    d = np.linalg.norm(index.embeddings - query, axis=1)
+    for label, k in (("odd", 12), ("rare", 8)):  # 8 rare images only: every row is looked at to find them
+        best: dict = {}
+        for row in np.argsort(d, kind="stable"):
+            if label in labels[row]:
+                best.setdefault(index.items[row] if by_item else row, int(row))
+        found = index.search(query, k=k, by_item=by_item, label=label)[0]
+        assert [m.row for m in found] == list(best.values())[:k]
+    assert len(index.search(query, k=20, label="rare")[0]) == 8  # fewer than k have it
+    with pytest.raises(SiameseError, match=r"Expected 1 <= `k` <= 400 \(the index holds 400 images\)\. Received: 0"):
+        index.search(query, k=0, label="odd")

@@ -155,10 +155,7 @@ class Index:
                 f"Expected query embeddings of shape (n, {self.dim}) like the index's. Received: {vectors.shape}. "
                 "Fix: embed the queries with the model that built the index."
             )
-        if not 1 <= k <= len(self):
-            raise SiameseError(
-                f"Expected 1 <= `k` <= {len(self)} (the index holds {plural(len(self), 'image')}). Received: {k}"
-            )
+        self._check_k(k, len(self), "image")
         engine = self.search_engine
         for name, value in knob.items():
             if value is not None:
@@ -170,28 +167,35 @@ class Index:
             distances[short], indices[short] = kneighbors(self.embeddings, vectors[short], k)
         return distances, indices
 
-    def search(self, vectors: np.ndarray, k: int = 10, by_item: bool = False, **knob: int | None) -> list[list[Match]]:
-        """The `k` nearest images of each vector as `Match`es; `by_item` keeps the best image of `k` items;
-        `knob` as `kneighbors`."""
-        if not by_item:
+    def search(self, vectors: np.ndarray, k: int = 10, by_item: bool = False, label: str | None = None,
+               **knob: int | None) -> list[list[Match]]:
+        """The `k` nearest images of each vector as `Match`es; `by_item` keeps the best image of `k` items; `label`
+        keeps only images with that label (fewer than `k` where fewer have it); `knob` as `kneighbors`."""
+        if not by_item and label is None:
             return [self._matches(d, i) for d, i in zip(*self.kneighbors(vectors, k, **knob), strict=True)]
-        n_items = len(set(self.items))
-        if not 1 <= k <= n_items:
-            raise SiameseError(f"Expected 1 <= `k` <= {n_items} (the index holds {plural(n_items, 'item')}). "
-                               f"Received: {k}")
+        if by_item:
+            self._check_k(k, len(set(self.items)), "item")
+        else:
+            self._check_k(k, len(self), "image")
         results = []
         for vector in np.asarray(vectors, np.float32):
             wanted = min(len(self), 4 * k)
-            while True:
+            while True:  # widen the search until k images (items) pass, or every row was looked at
                 distances, indices = self.kneighbors(vector[None], wanted, **knob)
-                seen: dict[str, Match] = {}
+                kept: dict[str | int, Match] = {}
                 for match in self._matches(distances[0], indices[0]):
-                    seen.setdefault(match.item, match)
-                if len(seen) >= k or wanted == len(self):
+                    if label is None or label in match.labels:
+                        kept.setdefault(match.item if by_item else match.row, match)
+                if len(kept) >= k or wanted == len(self):
                     break
                 wanted = min(len(self), 2 * wanted)
-            results.append(list(seen.values())[:k])
+            results.append(list(kept.values())[:k])
         return results
+
+    @staticmethod
+    def _check_k(k: int, most: int, of: str) -> None:
+        if not 1 <= k <= most:
+            raise SiameseError(f"Expected 1 <= `k` <= {most} (the index holds {plural(most, of)}). Received: {k}")
 
     def _matches(self, distances: np.ndarray, indices: np.ndarray) -> list[Match]:
         return [

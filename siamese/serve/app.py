@@ -138,23 +138,9 @@ async def _decoded(data: bytes, size: int, name: str) -> np.ndarray:
 
 
 def _matches(served: Served, vectors: np.ndarray, k: int, by_item: bool, label: str | None) -> list[list[dict]]:
-    index = served.index
-    if label is None:
-        results = index.search(vectors, k, by_item)
-    else:
-        if label not in {lab for row in index.labels for lab in row}:
-            raise Problem(404, f"No indexed image has the label {label!r}. Fix: pick a label that GET /info lists.")
-        results = []
-        for vector in vectors:
-            wanted = min(len(index), 4 * k)
-            while True:
-                found = [m for m in index.search(vector[None], wanted, False)[0] if label in m.labels]
-                if by_item:
-                    found = list({m.item: m for m in reversed(found)}.values())[::-1]
-                if len(found) >= k or wanted == len(index):
-                    break
-                wanted = min(len(index), 2 * wanted)
-            results.append(found[:k])
+    if label is not None and label not in served.labels:
+        raise Problem(404, f"No indexed image has the label {label!r}. Fix: pick a label that GET /info lists.")
+    results = served.index.search(vectors, k, by_item, label)
     return [[{"rank": rank, **m.to_dict()} for rank, m in enumerate(matches, 1)] for matches in results]
 
 
@@ -288,7 +274,7 @@ def create_app(index_dir: str | os.PathLike, keras_model: str | os.PathLike | No
     async def image(row: int, size: int | None = Query(None, description="a square thumbnail of this many pixels")):
         """The indexed image file of `row`, or a `size` x `size` PNG thumbnail of it."""
         served = live.current
-        path = _check_row(served, row)
+        path = _row_file(served, row)
         if size is None:
             return FileResponse(path)
         if not 8 <= size <= MAX_THUMBNAIL:
@@ -325,16 +311,21 @@ def create_app(index_dir: str | os.PathLike, keras_model: str | os.PathLike | No
     return app
 
 
-def _check_row(served: Served, row: int) -> Path:
+def _check_row(served: Served, row: int) -> None:
+    """Refuse a `row` the index does not hold, with 404."""
+    if not 0 <= row < len(served.index):
+        raise Problem(404, f"No row {row}: the index holds rows 0 to {len(served.index) - 1}. Fix: use a row that "
+                      "/search returned.")
+
+
+def _row_file(served: Served, row: int) -> Path:
     """The file of indexed `row`, resolved inside the index's image folder; 404 otherwise."""
-    index = served.index
-    if not 0 <= row < len(index):
-        raise Problem(404, f"No row {row}: the index holds rows 0 to {len(index) - 1}. Fix: use a row that /search "
-                      "returned.")
+    _check_row(served, row)
     if served.image_dir is None:
         raise Problem(404, "This index does not record its image folder. Fix: rebuild it with `index`.")
-    path = (served.image_dir / index.filenames[row]).resolve()
+    filename = served.index.filenames[row]
+    path = (served.image_dir / filename).resolve()
     if not path.is_relative_to(served.image_dir) or not path.is_file():
-        raise Problem(404, f"Row {row}: {index.filenames[row]} is not a file inside the index's image folder. "
+        raise Problem(404, f"Row {row}: {filename} is not a file inside the index's image folder. "
                       "Fix: re-index, or restore the file.")
     return path

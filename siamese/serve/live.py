@@ -39,16 +39,18 @@ class Served:
     batcher: Batcher
     stamp: tuple[int, int] | None
     rows_of_item: dict[str, list[int]] = field(default_factory=dict)
+    labels: frozenset[str] = frozenset()  # every label of the index's images
     image_dir: Path | None = None
 
     def __post_init__(self) -> None:
         for row, item in enumerate(self.index.items):
             self.rows_of_item.setdefault(item, []).append(row)
+        self.labels = frozenset(label for row in self.index.labels for label in row)
         folder = self.index.source.get("image_dir")
         self.image_dir = Path(folder).resolve() if folder else None
 
     def info(self) -> dict:
-        labels = sorted({label for row in self.index.labels for label in row})
+        labels = sorted(self.labels)
         return {"engine": self.index.engine, "rows": len(self.index), "items": len(self.rows_of_item),
                 "dim": self.index.dim, "model": {k: self.index.model.get(k) for k in ("source", "fingerprint")},
                 "recall_at_10": self.index.recall_at_10, "image_size": self.batcher.image_size, "labels": labels}
