@@ -146,8 +146,8 @@ def _matches(served: Served, vectors: np.ndarray, k: int, by_item: bool, label: 
 
 async def _embed_and_search(served: Served, pixels: np.ndarray, k: int, by_item: bool, label: str | None) -> list:
     """`_matches` of the embeddings of `pixels`: requests of one model call with the same question share one search."""
-    return await served.batcher.embed(pixels, lambda vectors: _matches(served, vectors, k, by_item, label),
-                                      key=(id(served), k, by_item, label))
+    return await served.batcher.answer(pixels, lambda vectors: _matches(served, vectors, k, by_item, label),
+                                       key=(id(served), k, by_item, label))
 
 
 def create_app(index_dir: str | os.PathLike, keras_model: str | os.PathLike | None = None, *, token: str | None = None,

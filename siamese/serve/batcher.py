@@ -1,11 +1,11 @@
-"""Requests that arrive together are embedded in one model call.
+"""Requests that arrive together are embedded in one model call, and searched together.
 
-`Batcher.embed(pixels)` waits at most `wait_ms` (default 2) for other requests, up to `max_batch` images (default
-32), then runs the model once, on one thread, for all of them. While the model runs, new requests gather for the next
-call, which starts as soon as this one ends: under load the batches grow by themselves, and alone a request waits
-`wait_ms` at most. `Batcher.embed(pixels, then, key)` answers `then(embeddings)` instead (e.g. the kNN search): the
-requests of one model call with the same `key` get one call of `then` on all their embeddings, on a thread of its own
-while the next model call runs (one search of 16 vectors costs far less than 16 searches of one).
+`Batcher.answer(pixels, then, key)` waits at most `wait_ms` (default 2) for other requests, up to `max_batch` images
+(default 32), then runs the model once, on one thread, for all of them. While the model runs, new requests gather for
+the next call, which starts as soon as this one ends: under load the batches grow by themselves, and alone a request
+waits `wait_ms` at most. The requests of one model call with the same `key` then get one call of `then` (the kNN
+search) on all their embeddings, on a thread of its own while the next model call runs (one search of 16 vectors
+costs far less than 16 searches of one).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class Batcher:
         self.model = model
         self.image_size = int(model.input_shape[1])
         self.max_batch, self.wait = max_batch, wait_ms / 1000
-        self._pending: list[tuple[np.ndarray, asyncio.Future, Callable | None, Hashable]] = []
+        self._pending: list[tuple[np.ndarray, asyncio.Future, Callable, Hashable]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._busy = False  # a model call is running
         self._tasks: set[asyncio.Task] = set()
@@ -34,11 +34,10 @@ class Batcher:
         self.calls = 0  # model calls so far, for tests and /info
         self.then_calls = 0  # calls of `then` (searches) so far, for tests
 
-    async def embed(self, pixels: np.ndarray, then: Callable[[np.ndarray], list] | None = None,
-                    key: Hashable = None):
-        """The embeddings `(n, dim)` of uint8 `pixels` `(n, size, size, 3)`, batched with concurrent requests; with
-        `then`, what `then` answers for them (a list, one entry per image), called once for all the requests of a
-        model call that give the same `key` (which must mean the same `then`)."""
+    async def answer(self, pixels: np.ndarray, then: Callable[[np.ndarray], list], key: Hashable) -> list:
+        """What `then` answers (a list, one entry per image) for the embeddings of uint8 `pixels`
+        `(n, size, size, 3)`, batched with concurrent requests; `then` is called once for all the requests of a model
+        call that give the same `key` (which must mean the same `then`)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending.append((pixels, future, then, key))
@@ -66,7 +65,7 @@ class Batcher:
         self._tasks.add(task)  # held until done: the event loop keeps only a weak reference to a task
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, batch: list[tuple[np.ndarray, asyncio.Future, Callable | None, Hashable]]) -> None:
+    async def _run(self, batch: list[tuple[np.ndarray, asyncio.Future, Callable, Hashable]]) -> None:
         loop = asyncio.get_running_loop()
         images = np.concatenate([entry[0] for entry in batch])
         try:
@@ -80,13 +79,8 @@ class Batcher:
         groups: dict[Hashable, list[tuple[np.ndarray, asyncio.Future, Callable]]] = {}
         start = 0
         for pixels, future, then, key in batch:
-            part = vectors[start : start + len(pixels)]
+            groups.setdefault(key, []).append((vectors[start : start + len(pixels)], future, then))
             start += len(pixels)
-            if then is None:
-                if not future.done():
-                    future.set_result(part)
-            else:
-                groups.setdefault(key, []).append((part, future, then))
         for members in groups.values():
             try:
                 answers = await loop.run_in_executor(self._then_pool, self._then, members[0][2],
