@@ -34,9 +34,9 @@ def _modules() -> dict:
     return {m.NAME: m for m in modules}
 
 
-def _seed_syntax(argv: list[str], parser: Parser, commands: dict) -> list[str]:
+def _seed_syntax(argv: list[str], parser: Parser) -> list[str]:
     """Rewrite the seed's `--export savedmodel ...` / `--export balltree ...` as `export ...` / `index ...`."""
-    if argv and argv[0] in commands:
+    if argv and argv[0] in parser.commands:
         return argv
     for n, arg in enumerate(argv):
         if arg == "--export" or arg.startswith("--export="):
@@ -94,7 +94,7 @@ def _import_tensorflow_quietly() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with `argv` (default `sys.argv[1:]`); return the exit status."""
     parser = build_parser()
-    args = parser.parse_args(_seed_syntax(list(sys.argv[1:] if argv is None else argv), parser, parser.commands))
+    args = parser.parse_args(_seed_syntax(list(sys.argv[1:] if argv is None else argv), parser))
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
