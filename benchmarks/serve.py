@@ -81,14 +81,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20, help="seconds per concurrency at most (default 20)")
     parser.add_argument("--wait-ms", default=None, help="serve's --wait-ms (default: serve's own)")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the package, and the tests' server helper
     import keras
+    from servers import Server
 
     from siamese.catalog import load_catalog
     from siamese.datasets import find_fashion_mnist, make_dataset
     from siamese.embed import Embedder
     from siamese.models import build_embedding
-    from tests.servers import Server
 
     source = "fashion-mnist" if find_fashion_mnist() else "digits"
     work = Path(tempfile.mkdtemp(prefix="siamese-bench-serve-"))

@@ -1,8 +1,9 @@
-"""Shared fixtures: an isolated cache folder, image and catalog writers, a digits catalog, the CLI."""
+"""Shared fixtures: an isolated cache folder, image and catalog writers, a digits catalog, the CLI, a free port."""
 
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +68,10 @@ def run_cli(capsys):
         return code, out, err
 
     return run
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

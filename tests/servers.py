@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import keras
+from conftest import free_port
 
 from siamese.catalog import load_catalog
 from siamese.embed import Embedder
@@ -39,12 +39,6 @@ def digits_index(digits: Path, folder: Path, limit: int | None = None, engine: s
         catalog = catalog.subset({item.id for item in catalog.items[:limit]})
     index = embedder.index(catalog, engine, progress=False)
     return index.save(folder / "index"), embedder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from siamese.datasets import make_dataset
 
@@ -120,7 +121,7 @@ def test_make_bash_cpu_runs_the_seeds_commands_as_the_user_and_serve_docker_serv
 
 def served_by_the_cpu_image(repo: Path) -> None:
     """`make serve-docker` on the index just built in the container: on 127.0.0.1 only, and only with the token."""
-    port, token = _free_port(), "serve-token"
+    port, token = free_port(), "serve-token"
     server = make(repo, "serve-docker", "INDEX=/data/index", f"SERVE_PORT={port}", popen=True,
                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                   env={**os.environ, "HOME": str(repo.parent / "home"), "SIAMESE_TOKEN": token})
@@ -148,12 +149,6 @@ def _get(url: str, token: str | None = None, scheme: str = "token") -> int:
         return e.code
     except OSError:  # not listening (yet), or the connection dropped
         return 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _other_addresses() -> list[str]:
@@ -190,7 +185,7 @@ def assert_loopback_only(port: int) -> None:
 @pytest.fixture
 def notebook(repo) -> Iterator[tuple[int, str]]:
     """`make notebook` (the GPU image on the CPU: GPUS=) running in the background: yields (port, token)."""
-    port, token = _free_port(), "a token with spaces; and a semicolon"
+    port, token = free_port(), "a token with spaces; and a semicolon"
     server = make(repo, "notebook", "GPUS=", f"PORT={port}", popen=True, stdout=subprocess.PIPE,
                   stderr=subprocess.STDOUT, env={**os.environ, "HOME": str(repo.parent / "home"),
                                                   "JUPYTER_TOKEN": token})
