@@ -1,6 +1,7 @@
 """Train the default small_cnn on Fashion-MNIST from the CLI and measure retrieval and input speed.
 
     python benchmarks/train_fashion_mnist.py [--epochs 4] [--images-per-epoch 131072] [--image-size 28]
+        [--backend tensorflow|jax]
 
 1. make-dataset writes the 60,000 training and 10,000 test images as PNG files (once, under --work).
 2. `utilities.py train` trains small_cnn with the default settings (batch-all supcon loss, cosine learning
@@ -10,6 +11,9 @@
    class), beside the same figure on raw pixels.
 4. Training images per second with batches decoded from the PNG files versus gathered from cached tensors,
    the same model and batch, timed over one epoch after a warm-up epoch.
+
+Everything runs on the Keras `--backend` (default tensorflow), training through `train --backend`: run it once
+per backend to compare them on the same batches (`make bench-backends`).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ def images_per_second(train_catalog, image_size: int, batch_size: int, cache: st
     from siamese.losses import BatchSupConLoss
     from siamese.models import build_embedding
     from siamese.pairs import PairSampler
-    from siamese.pipeline import batch_dataset
+    from siamese.pipeline import ItemBatches
 
     class Timer(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -48,9 +52,14 @@ def images_per_second(train_catalog, image_size: int, batch_size: int, cache: st
     embedding = build_embedding("small_cnn", image_size)
     images = keras.Input(embedding.input_shape[1:], dtype="uint8")
     model = keras.Model(images, embedding(images))
-    model.compile(optimizer="adam", loss=BatchSupConLoss(), jit_compile=False)
-    stream = batch_dataset(PairSampler(train_catalog), image_size, batch_size=batch_size,
-                           images_per_epoch=steps * batch_size, cache=cache)
+    jax = keras.backend.backend() == "jax"
+    model.compile(optimizer="adam", loss=BatchSupConLoss(), jit_compile=jax)  # as `train` compiles on the CPU
+    stream = ItemBatches(PairSampler(train_catalog), image_size, batch_size=batch_size,
+                         images_per_epoch=steps * batch_size, cache=cache)
+    if not jax:
+        from siamese.tfdata import tf_dataset
+
+        stream = tf_dataset(stream)
     timer = Timer()
     model.fit(stream, epochs=2, steps_per_epoch=steps, callbacks=[timer], shuffle=False, verbose=0)
     return steps * batch_size / timer.seconds
@@ -64,9 +73,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=28, help="Fashion-MNIST's own size (default 28)")
     parser.add_argument("--speed-steps", type=int, default=100, help="steps timed for files vs cached tensors")
+    parser.add_argument("--backend", default="tensorflow", choices=("tensorflow", "jax"), help="Keras backend")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    os.environ["KERAS_BACKEND"] = args.backend
 
     import numpy as np
 
@@ -80,12 +91,12 @@ def main() -> None:
         make_dataset("fashion-mnist", args.work)
     train_catalog = load_catalog(args.work / "train.json", args.work)
     test_catalog = load_catalog(args.work / "test.json", args.work)
-    out = args.work / "fashion_mnist.keras"
+    out = args.work / f"fashion_mnist_{args.backend}.keras"
 
     command = [sys.executable, "utilities.py", "train", "--labeled-data", str(args.work / "train.json"),
                "--image-dir", str(args.work), "--output", str(out), "--val-fraction", "0", "--epochs", str(args.epochs),
                "--images-per-epoch", str(args.images_per_epoch), "--batch-size", str(args.batch_size),
-               "--image-size", str(args.image_size), "--no-progress", *extra]
+               "--image-size", str(args.image_size), "--backend", args.backend, "--no-progress", *extra]
     print("$", " ".join(command[1:]), flush=True)
     start = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True)
@@ -114,14 +125,15 @@ def main() -> None:
 
     history = json.loads(out.with_name(out.stem + ".history.json").read_text())
     results = {
-        "precision_at_1": p1, "raw_pixel_precision_at_1": raw_p1, "train_seconds": train_seconds,
-        "epochs": args.epochs, "images_per_epoch": args.images_per_epoch, "train_args": extra,
+        "backend": args.backend, "precision_at_1": p1, "raw_pixel_precision_at_1": raw_p1,
+        "train_seconds": train_seconds, "epochs": args.epochs, "images_per_epoch": args.images_per_epoch,
+        "train_args": extra,
         "final_loss": history[-1]["loss"],
         "images_per_second_files": from_files, "images_per_second_cached": cached,
         "cores": len(os.sched_getaffinity(0)),
     }
     print(json.dumps(results, indent=2))
-    print(f"\n| figure | value |\n|---|---|\n"
+    print(f"\n| figure ({args.backend}) | value |\n|---|---|\n"
           f"| precision@1, 10,000 test vs 60,000 train embeddings | {p1:.4f} |\n"
           f"| precision@1 on raw pixels (same search) | {raw_p1:.4f} |\n"
           f"| training wall time, CLI ({args.epochs} x {args.images_per_epoch:,} images) | "

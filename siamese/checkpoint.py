@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from siamese import atomic
+from siamese.models import save_embedding
 from siamese.retrieval import retrieval_metrics
 
 
@@ -149,7 +150,7 @@ class BestCheckpoint(keras.callbacks.Callback):
 
     def _save(self) -> None:
         with atomic.atomic_path(self.path, suffix=self.path.suffix) as tmp:
-            self.embedding.save(tmp)
+            save_embedding(self.embedding, tmp)
 
     def on_train_end(self, logs=None):
         atomic.write_json(sidecar(self.path, "history"), self.history)

@@ -13,6 +13,8 @@ from typing import ClassVar
 
 from siamese.errors import SiameseError
 
+BACKENDS = ("tensorflow", "jax")
+"""The Keras backends `train` runs on; every other command runs on TensorFlow, which loads checkpoints of both."""
 CACHES = ("none", "memory", "disk")
 CHECKPOINT_SUFFIXES = (".keras", ".h5", ".hdf5")
 LOSSES = ("contrastive", "triplet", "supcon")
@@ -93,6 +95,8 @@ class TrainConfig:
     seed: int = 0
     on_bad_image: str = "fail"
     cache: str = "auto"
+    backend: str | None = None  # tensorflow or jax; None: the one Keras runs on (KERAS_BACKEND, default tensorflow)
+    tensorboard: str | None = None  # TensorBoard log folder; None: NAME.logs beside the checkpoint; "none": no logs
 
     def resolved(self) -> TrainConfig:
         """A copy with defaults that depend on other settings filled in, after checking every value."""
@@ -144,11 +148,14 @@ class TrainConfig:
                                f"Received: {self.lr_schedule!r}")
         if self.cache not in ("auto", *CACHES):
             raise SiameseError(f"Expected `cache` to be auto, {', '.join(CACHES)}. Received: {self.cache!r}")
+        if self.backend not in (None, *BACKENDS):
+            raise SiameseError(f"Expected `backend` to be one of {', '.join(BACKENDS)}. Received: {self.backend!r}")
         weights = self.weights
         if weights == "auto":
             weights = "none" if spec.application is None else "imagenet"
+        tensorboard = self.tensorboard or str(out.with_name(f"{out.stem}.logs"))
         return dataclasses.replace(self, weights=weights, image_size=self.image_size or spec.image_size,
-                                   learning_rate=learning_rate, views=views, loss=loss)
+                                   learning_rate=learning_rate, views=views, loss=loss, tensorboard=tensorboard)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -22,9 +22,10 @@ from siamese.config import PRETRAINED_BACKBONE
 from siamese.errors import SiameseError
 from siamese.images import ImageDecodeError, ImageSource, decode_image
 from siamese.models import build_embedding, load_embedding, model_fingerprint
-from siamese.pipeline import Cache, decoded_images, image_dataset
+from siamese.pipeline import Cache, decoded_images
 from siamese.retrieval import Evaluation, evaluate_embeddings, metric_title
 from siamese.search import Engine, Index, Match
+from siamese.tfdata import image_dataset
 from siamese.util import parallel_map, plural
 
 RAW_PIXELS = "raw pixels"

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from siamese.config import Backbone, get_backbone
 from siamese.errors import SiameseError
@@ -32,11 +31,21 @@ def _small_cnn(inputs, filters=(32, 64, 128)):
     for n, f in enumerate(filters):
         for k in range(2):
             x = keras.layers.Conv2D(f, 3, padding="same", use_bias=False, name=f"block{n}_conv{k}")(x)
-            # synchronized: under tf.distribute the statistics are the whole batch's, as on one device
-            x = keras.layers.BatchNormalization(synchronized=True, name=f"block{n}_bn{k}")(x)
+            x = keras.layers.BatchNormalization(synchronized=_synchronized(), name=f"block{n}_bn{k}")(x)
             x = keras.layers.ReLU(name=f"block{n}_relu{k}")(x)
         x = keras.layers.MaxPooling2D(name=f"block{n}_pool")(x) if n < len(filters) - 1 else x
     return keras.layers.Flatten(name="pool")(x)
+
+
+def _synchronized() -> bool:
+    """Whether batch norm must gather its statistics across replicas: under a `tf.distribute` strategy of several,
+    so that they are the whole batch's, as on one device. JAX's DataParallel computes on the whole (sharded) batch
+    anyway. `save_embedding` leaves it out of checkpoints, which Keras refuses to load on other backends."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy().num_replicas_in_sync > 1
 
 
 def _application(backbone: Backbone, image_size: int, weights: str | None):
@@ -136,29 +145,20 @@ class BatchAll(keras.Model):
 
     Under `tf.distribute` each replica embeds its share of a batch; the embeddings and labels of all shares
     are gathered before the loss (the gradient flows back to each share), so N replicas train exactly like
-    one device given the same batch.
+    one device given the same batch. On JAX the loss is of the whole (sharded) batch already.
     """
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        context = tf.distribute.get_replica_context()
-        if context is None or context.num_replicas_in_sync == 1:
-            return super().compute_loss(x, y, y_pred, sample_weight, training)
-        y, y_pred = _all_gather(context, y), _all_gather(context, y_pred)
-        # every replica holds the whole batch's loss and the replicas' gradients are summed: each counts 1/N
-        # (Keras divides per-sample losses by N itself, but leaves a scalar loss like this one as it is)
-        return super().compute_loss(x, y, y_pred, sample_weight, training) / context.num_replicas_in_sync
+        if keras.backend.backend() == "tensorflow":
+            from siamese.distribute import replica_gather
 
-
-def _all_gather(context: tf.distribute.ReplicaContext, x: tf.Tensor) -> tf.Tensor:
-    """Every replica's `x` (equal shapes), in replica order, as a sum of zero-padded shares.
-
-    `ReplicaContext.all_gather` fails under MultiWorkerMirroredStrategy on the CPU ("destinations can not
-    be empty": its tensors carry no device); `all_reduce` works everywhere, is exact (adding zeros) and
-    sends each replica the gradient of its own share.
-    """
-    me = context.replica_id_in_sync_group
-    shares = [x * tf.cast(tf.equal(me, i), x.dtype) for i in range(context.num_replicas_in_sync)]
-    return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat(shares, axis=0))
+            gathered = replica_gather(y, y_pred)
+            if gathered is not None:
+                y, y_pred, replicas = gathered
+                # every replica holds the whole batch's loss and the replicas' gradients are summed: each counts
+                # 1/N (Keras divides per-sample losses by N itself, but leaves a scalar loss like this one as it is)
+                return super().compute_loss(x, y, y_pred, sample_weight, training) / replicas
+        return super().compute_loss(x, y, y_pred, sample_weight, training)
 
 
 def build_batch_all(embedding: keras.Model, augment: keras.Model | None = None, views: int = 1) -> keras.Model:
@@ -191,6 +191,19 @@ def build_triplet(embedding: keras.Model, augment: keras.Model | None = None) ->
     d_an = EuclideanDistance(name="distance_negative")([e_a, e_n])
     distances = keras.layers.Concatenate(dtype="float32", name="distances")([d_ap, d_an])
     return keras.Model([anchor, positive, negative], distances, name="triplet")
+
+
+def save_embedding(model: keras.Model, path: str | os.PathLike) -> None:
+    """`model.save(path)` in a file that loads on every backend: batch norm's `synchronized` (TensorFlow's alone,
+    set while training on several replicas) is saved as False."""
+    synchronized = [layer for layer in model.layers if getattr(layer, "synchronized", False)]
+    for layer in synchronized:
+        layer.synchronized = False
+    try:
+        model.save(path)
+    finally:
+        for layer in synchronized:
+            layer.synchronized = True
 
 
 def load_embedding(path: str | os.PathLike) -> keras.Model:

@@ -1,5 +1,6 @@
-"""`tf.data` input pipelines: batches of images for embedding, endless streams of pairs or of P x K batches
-for training.
+"""Input pipelines with no TensorFlow: the decoded images of a catalog, and the training batches (pairs,
+triplets or P x K batches) as a `keras.utils.PyDataset`, which `fit` reads on any Keras backend
+(`siamese.tfdata` wraps the same batches in `tf.data` for the TensorFlow backend).
 
 Images are decoded by `siamese.images.decode_image` (the one decoder) in parallel. With `cache="memory"`
 or `cache="disk"` every image is decoded once into a uint8 array (`disk`: a memory-mapped `.npy` in the
@@ -13,13 +14,14 @@ import hashlib
 import json
 import math
 import multiprocessing
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
+import keras
 import numpy as np
-import tensorflow as tf
 
 from siamese import atomic
 from siamese.catalog import Catalog
@@ -33,7 +35,7 @@ Cache = Literal["none", "memory", "disk"]
 _DECODER_VERSION = 2  # bump when decode_image changes its output, to invalidate on-disk caches (2: resize, then pad)
 
 
-def _check_cache(cache: str) -> None:
+def check_cache(cache: str) -> None:
     if cache not in CACHES:
         raise SiameseError(f"Expected `cache` to be one of {', '.join(CACHES)}. Received: {cache!r}")
 
@@ -96,7 +98,7 @@ def _decoder_pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=context, initializer=exit_with_parent)
 
 
-def _batch_loader(
+def batch_loader(
     catalog: Catalog, image_size: int, cache: Cache, images: np.ndarray | None = None, workers: int | None = None
 ):
     """A numpy function: array of image indices -> uint8 batch `(len, size, size, 3)`.
@@ -134,25 +136,6 @@ def _batch_loader(
     return lambda indices: store[indices]
 
 
-def image_dataset(
-    catalog: Catalog, image_size: int, batch_size: int = 32, cache: Cache = "none", workers: int | None = None
-) -> tf.data.Dataset:
-    """Batches of the catalog's images in order, uint8 `(batch, image_size, image_size, 3)`, prefetched.
-
-    `workers` decoding processes (default `usable_cpus()`) read the files when `cache="none"`.
-    """
-    _check_cache(cache)
-    load = _batch_loader(catalog, image_size, cache, workers=workers)
-    shape = (None, image_size, image_size, 3)
-    return (
-        tf.data.Dataset.range(len(catalog.filenames))
-        .batch(batch_size)
-        .map(lambda i: tf.ensure_shape(tf.numpy_function(load, [i], tf.uint8, stateful=False), shape),
-             num_parallel_calls=tf.data.AUTOTUNE)
-        .prefetch(tf.data.AUTOTUNE)
-    )
-
-
 def _rows(shard: tuple[int, int], batch_size: int) -> tuple[int, int]:
     """The rows `[lo, hi)` of a batch of `batch_size` that share `shard = (i, n)` takes (`(0, 1)`: all)."""
     i, n = shard
@@ -172,109 +155,110 @@ def steps_per_epoch(per_epoch: int, batch_size: int) -> int:
     return max(1, math.ceil(per_epoch / batch_size))
 
 
-def pair_dataset(
-    sampler: PairSampler,
-    image_size: int,
-    *,
-    batch_size: int = 32,
-    pairs_per_epoch: int = 1024,
-    start_epoch: int = 0,
-    cache: Cache = "none",
-    images: np.ndarray | None = None,
-    workers: int | None = None,
-    triplets: bool = False,
-    shard: tuple[int, int] = (0, 1),
-) -> tf.data.Dataset:
-    """An endless stream of batches `((images_a, images_b), same)`, epoch after epoch from `start_epoch`.
 
-    Epoch `e` holds `steps_per_epoch(pairs_per_epoch, batch_size) * batch_size` pairs drawn by
-    `sampler.pairs(e, ...)`, so batches never straddle epochs and a resumed run sees the same pairs.
-    Images are uint8; `same` is float32 (1 = same item). With `triplets=True` the batches are
-    `((anchors, positives, negatives), zeros)` from `sampler.triplets`. With `cache="none"` each image is
-    decoded from its file by `workers` processes (default `usable_cpus()`); otherwise batches are gathered
-    from `images` (or `decoded_images(...)`). `shard = (i, n)` keeps the i-th of n equal slices of every
-    batch (one replica's share under `tf.distribute`; default all), loading only those images.
+
+class Spec(NamedTuple):
+    """The shape and dtype of one array of a batch."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class TrainingBatches(keras.utils.PyDataset):
+    """Training batches addressed by number: batch `i` is step `i % steps` of epoch `start_epoch + i // steps`,
+    drawn for that epoch by `draw`, so batches may load in any order (two threads load ahead while the model
+    trains) and a resumed run sees the same batches. Endless, or with `repeat` N the first N batches over and
+    over (fixed validation batches). With `cache="none"` each image is decoded from its file by `workers`
+    processes (default `usable_cpus()`); otherwise batches are gathered from `images` (or `decoded_images(...)`).
+    `shard = (i, n)` keeps the i-th of n equal slices of every batch (one replica's or one host's share; default
+    all), loading only those images.
     """
-    _check_cache(cache)
-    per_epoch = steps_per_epoch(pairs_per_epoch, batch_size) * batch_size
-    k = 3 if triplets else 2
-    lo, hi = _rows(shard, batch_size)
 
-    def draw(epoch):
-        if triplets:
-            return (*sampler.triplets(int(epoch), per_epoch), np.zeros(per_epoch, np.float32))
-        return tuple(sampler.pairs(int(epoch), per_epoch))
+    def __init__(self, sampler: PairSampler, image_size: int, *, batch_size: int, steps: int, start_epoch: int = 0,
+                 cache: Cache = "none", images: np.ndarray | None = None, workers: int | None = None,
+                 shard: tuple[int, int] = (0, 1), repeat: int | None = None):
+        super().__init__(workers=2, max_queue_size=8)
+        check_cache(cache)
+        self.sampler, self.image_size, self.batch_size, self.steps = sampler, image_size, batch_size, steps
+        self.start_epoch, self.repeat = start_epoch, repeat
+        self.lo, self.hi = _rows(shard, batch_size)
+        self.load = batch_loader(sampler.catalog, image_size, cache, images, workers)
+        self._lock = threading.Lock()
+        self._drawn: dict[int, object] = {}
 
-    def epoch_draw(epoch):
-        drawn = tf.numpy_function(draw, [epoch], (tf.int64,) * k + (tf.float32,), stateful=False)
-        return tf.data.Dataset.from_tensor_slices(tuple(tf.ensure_shape(t, (per_epoch,)) for t in drawn))
+    @property
+    def num_batches(self) -> int | None:
+        return self.repeat
 
-    load = _batch_loader(sampler.catalog, image_size, cache, images, workers)
-    shape = (None, image_size, image_size, 3)
+    def _epoch(self, epoch: int):
+        with self._lock:  # loading threads ask for the same epoch at once: draw it once
+            if epoch not in self._drawn:
+                if len(self._drawn) >= 4:
+                    del self._drawn[min(self._drawn)]
+                self._drawn[epoch] = self.draw(epoch)
+            return self._drawn[epoch]
 
-    def load_images(*batch):
-        *indices, y = batch
-        loaded = tf.numpy_function(lambda *i: tuple(load(j) for j in i), indices, (tf.uint8,) * k, stateful=False)
-        return tuple(tf.ensure_shape(x, shape) for x in loaded), y
+    def __getitem__(self, index: int):
+        index = int(index) % self.repeat if self.repeat else int(index)
+        epoch, step = divmod(index, self.steps)
+        return self.batch(self._epoch(self.start_epoch + epoch), step)
 
-    return (
-        tf.data.Dataset.counter(start_epoch)
-        .flat_map(epoch_draw)
-        .batch(batch_size)
-        .map(lambda *batch: tuple(t[lo:hi] for t in batch))
-        .map(load_images, num_parallel_calls=tf.data.AUTOTUNE)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    def image_spec(self) -> Spec:
+        return Spec((self.hi - self.lo, self.image_size, self.image_size, 3), "uint8")
 
 
-def batch_dataset(
-    sampler: PairSampler,
-    image_size: int,
-    *,
-    batch_size: int = 32,
-    images_per_item: int = 4,
-    images_per_epoch: int = 1024,
-    start_epoch: int = 0,
-    cache: Cache = "none",
-    images: np.ndarray | None = None,
-    workers: int | None = None,
-    shard: tuple[int, int] = (0, 1),
-) -> tf.data.Dataset:
-    """An endless stream of batches `(images, relations)` for batch-all training, epoch after epoch.
+class PairBatches(TrainingBatches):
+    """Batches `((images_a, images_b), same)` of pairs: epoch `e` holds
+    `steps_per_epoch(pairs_per_epoch, batch_size) * batch_size` pairs drawn by `sampler.pairs(e, ...)`, so batches
+    never straddle epochs. Images are uint8; `same` is float32 (1 = same item). With `triplets=True` the batches
+    are `((anchors, positives, negatives), zeros)` from `sampler.triplets`. See `TrainingBatches` for the rest."""
 
-    Epoch `e` holds the `steps_per_epoch(images_per_epoch, batch_size)` batches of `sampler.batches(e, ...)`:
-    `batch_size` uint8 images, `images_per_item` of each item drawn. `relations` is float32
-    `(batch_size, 1 + batch_size)`, what `losses.batch_contrastive_loss` takes: each image's position in the
-    batch, then `sampler.relations` of the batch (1 same item, 0 negative pair, -1 no pair). A resumed run
-    sees the same batches; images are decoded or gathered as in `pair_dataset`. `shard = (i, n)` keeps the
-    i-th of n equal slices of every batch's rows (positions and relations stay those of the whole batch).
-    """
-    _check_cache(cache)
-    steps = steps_per_epoch(images_per_epoch, batch_size)
-    lo, hi = _rows(shard, batch_size)
-    sampler.batches(0, 1, batch_size, images_per_item)  # bad settings fail here, not inside tf.data
+    def __init__(self, sampler: PairSampler, image_size: int, *, batch_size: int = 32, pairs_per_epoch: int = 1024,
+                 triplets: bool = False, **kwargs):
+        super().__init__(sampler, image_size, batch_size=batch_size,
+                         steps=steps_per_epoch(pairs_per_epoch, batch_size), **kwargs)
+        self.triplets = triplets
 
-    def draw(epoch):
-        return sampler.batches(int(epoch), steps, batch_size, images_per_item)
+    def draw(self, epoch: int) -> tuple[np.ndarray, ...]:
+        n = self.steps * self.batch_size
+        if self.triplets:
+            return (*self.sampler.triplets(epoch, n), np.zeros(n, np.float32))
+        return tuple(self.sampler.pairs(epoch, n))
 
-    def epoch_draw(epoch):
-        drawn = tf.numpy_function(draw, [epoch], tf.int64, stateful=False)
-        return tf.data.Dataset.from_tensor_slices(tf.ensure_shape(drawn, (steps, batch_size)))
+    def batch(self, drawn: tuple[np.ndarray, ...], step: int):
+        rows = slice(step * self.batch_size + self.lo, step * self.batch_size + self.hi)
+        *indices, same = (column[rows] for column in drawn)
+        return tuple(self.load(i) for i in indices), same
 
-    load = _batch_loader(sampler.catalog, image_size, cache, images, workers)
+    @property
+    def element_spec(self) -> tuple[tuple[Spec, ...], Spec]:
+        return (self.image_spec(),) * (3 if self.triplets else 2), Spec((self.hi - self.lo,), "float32")
 
-    def load_batch(indices):
-        position = np.arange(lo, hi, dtype=np.float32)[:, None]
-        return load(indices[lo:hi]), np.hstack([position, sampler.relations(indices)[lo:hi]])
 
-    def load_images(indices):
-        x, y = tf.numpy_function(load_batch, [indices], (tf.uint8, tf.float32), stateful=False)
-        return (tf.ensure_shape(x, (hi - lo, image_size, image_size, 3)),
-                tf.ensure_shape(y, (hi - lo, batch_size + 1)))
+class ItemBatches(TrainingBatches):
+    """Batches `(images, relations)` for batch-all training: epoch `e` holds the
+    `steps_per_epoch(images_per_epoch, batch_size)` batches of `sampler.batches(e, ...)`, `batch_size` uint8
+    images, `images_per_item` of each item drawn. `relations` is float32 `(batch_size, 1 + batch_size)`, what
+    `losses.batch_contrastive_loss` takes: each image's position in the batch, then `sampler.relations` of the
+    batch (1 same item, 0 negative pair, -1 no pair). A shard keeps its rows of both (positions and relations
+    stay those of the whole batch). See `TrainingBatches` for the rest."""
 
-    return (
-        tf.data.Dataset.counter(start_epoch)
-        .flat_map(epoch_draw)
-        .map(load_images, num_parallel_calls=tf.data.AUTOTUNE)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    def __init__(self, sampler: PairSampler, image_size: int, *, batch_size: int = 32, images_per_item: int = 4,
+                 images_per_epoch: int = 1024, **kwargs):
+        super().__init__(sampler, image_size, batch_size=batch_size,
+                         steps=steps_per_epoch(images_per_epoch, batch_size), **kwargs)
+        self.images_per_item = images_per_item
+        sampler.batches(0, 1, batch_size, images_per_item)  # bad settings fail here, not while training
+
+    def draw(self, epoch: int) -> np.ndarray:
+        return self.sampler.batches(epoch, self.steps, self.batch_size, self.images_per_item)
+
+    def batch(self, drawn: np.ndarray, step: int):
+        indices = drawn[step]
+        position = np.arange(self.lo, self.hi, dtype=np.float32)[:, None]
+        relations = self.sampler.relations(indices)[self.lo : self.hi]
+        return self.load(indices[self.lo : self.hi]), np.hstack([position, relations])
+
+    @property
+    def element_spec(self) -> tuple[Spec, Spec]:
+        return self.image_spec(), Spec((self.hi - self.lo, self.batch_size + 1), "float32")

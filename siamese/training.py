@@ -11,6 +11,9 @@ same weights (on the CPU).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import importlib
 import json
 import os
 import platform
@@ -20,20 +23,19 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from siamese import __version__, atomic
 from siamese.augment import augmentation
 from siamese.catalog import Catalog, load_catalog, split_by_item
 from siamese.checkpoint import AtomicBackupAndRestore, BestCheckpoint, RetrievalMetrics, sidecar
-from siamese.config import TrainConfig
-from siamese.distribute import cluster, distribute_batches, training_strategy, worker_path
+from siamese.config import BACKENDS, TrainConfig
+from siamese.distribute import Placement, placement, worker_path
 from siamese.errors import SiameseError
 from siamese.images import check_images
 from siamese.losses import BatchContrastiveLoss, BatchSupConLoss, BatchTripletLoss, ContrastiveLoss, TripletLoss
 from siamese.models import build_batch_all, build_embedding, build_siamese, build_triplet
 from siamese.pairs import PairSampler
-from siamese.pipeline import batch_dataset, decoded_images, pair_dataset, steps_per_epoch
+from siamese.pipeline import ItemBatches, PairBatches, decoded_images, steps_per_epoch
 from siamese.util import utc_now
 
 MEMORY_CACHE_LIMIT = 0.25
@@ -57,13 +59,13 @@ class TrainResult:
         return self.best_epoch == 0
 
 
-def _versions() -> dict[str, str]:
-    import PIL
-    import sklearn
-
-    return {"siamese": __version__, "python": platform.python_version(), "tensorflow": tf.__version__,
-            "keras": keras.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,
-            "pillow": PIL.__version__}
+def _versions(backend: str) -> dict[str, str]:
+    """The versions of what a run on `backend` computes with, by package name."""
+    modules = {"tensorflow": ("tensorflow",), "jax": ("jax", "jaxlib")}[backend]
+    modules += ("keras", "numpy", "sklearn", "PIL")
+    names = {"sklearn": "scikit-learn", "PIL": "pillow"}
+    return {"siamese": __version__, "python": platform.python_version(),
+            **{names.get(m, m): importlib.import_module(m).__version__ for m in modules}}
 
 
 def _choose_cache(config: TrainConfig, n_images: int) -> str:
@@ -82,23 +84,21 @@ def _sample_images(catalog: Catalog, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
 
 
-def _stream(config: TrainConfig, strategy: tf.distribute.Strategy, sampler: PairSampler, per_epoch: int, *,
-            start_epoch: int = 0, cache: str = "memory", images: np.ndarray | None = None, steps: int | None = None):
-    """The endless training input of `config.mining` and `config.loss` (pairs, triplets or P x K batches),
-    distributed for `strategy`; with `steps`, the first `steps` batches over and over."""
+def _stream(config: TrainConfig, devices: Placement, sampler: PairSampler, per_epoch: int, *, start_epoch: int = 0,
+            cache: str = "memory", images: np.ndarray | None = None, steps: int | None = None):
+    """The endless training input of `config.mining` and `config.loss` (pairs, triplets or P x K batches), for
+    `devices`; with `steps`, the first `steps` batches over and over."""
 
-    def share(shard: tuple[int, int]) -> tf.data.Dataset:
+    def share(shard: tuple[int, int]):
+        common = {"batch_size": config.batch_size, "start_epoch": start_epoch, "cache": cache, "images": images,
+                  "shard": shard, "repeat": steps}
         if config.mining == "batch-all":
-            stream = batch_dataset(sampler, config.image_size, batch_size=config.batch_size,
-                                   images_per_item=config.images_per_item, images_per_epoch=per_epoch,
-                                   start_epoch=start_epoch, cache=cache, images=images, shard=shard)
-        else:
-            stream = pair_dataset(sampler, config.image_size, batch_size=config.batch_size, pairs_per_epoch=per_epoch,
-                                  start_epoch=start_epoch, cache=cache, images=images,
-                                  triplets=config.loss == "triplet", shard=shard)
-        return stream if steps is None else stream.take(steps).repeat()
+            return ItemBatches(sampler, config.image_size, images_per_item=config.images_per_item,
+                               images_per_epoch=per_epoch, **common)
+        return PairBatches(sampler, config.image_size, pairs_per_epoch=per_epoch, triplets=config.loss == "triplet",
+                           **common)
 
-    return distribute_batches(strategy, config.batch_size, share)
+    return devices.batches(config.batch_size, share)
 
 
 def _training_model(config: TrainConfig, embedding: keras.Model) -> tuple[keras.Model, keras.losses.Loss]:
@@ -124,8 +124,8 @@ def _learning_rate(config: TrainConfig, steps: int):
     return config.learning_rate
 
 
-def _validation(config: TrainConfig, strategy: tf.distribute.Strategy, val_catalog: Catalog, embedding: keras.Model,
-                cache: str, progress: bool, start_epoch: int) -> tuple[list, tf.data.Dataset | None, int | None]:
+def _validation(config: TrainConfig, devices: Placement, val_catalog: Catalog, embedding: keras.Model, cache: str,
+                progress: bool, start_epoch: int) -> tuple[list, object, int | None]:
     """The retrieval callback and the fixed validation pairs (triplets, batches) with their step count.
 
     Nothing without validation items; no pair loss when the held-out items cannot form both kinds of pair
@@ -152,26 +152,53 @@ def _validation(config: TrainConfig, strategy: tf.distribute.Strategy, val_catal
         return [metrics], None, None
     steps = steps_per_epoch(config.val_pairs, config.batch_size)
     # the same validation pairs every epoch, so val_loss is comparable across epochs
-    return [metrics], _stream(config, strategy, sampler, config.val_pairs, images=images, steps=steps), steps
+    return [metrics], _stream(config, devices, sampler, config.val_pairs, images=images, steps=steps), steps
 
 
 def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
     """Train an embedding network as `config` says; see the module docstring. `verbose` goes to `fit`."""
     config = config.resolved()
+    backend = keras.backend.backend()
+    if config.backend is None:
+        config = dataclasses.replace(config, backend=backend)
+    elif config.backend != backend:
+        raise SiameseError(f"Expected Keras to run on {config.backend}, as `backend` says. Received: Keras runs on "
+                           f"{backend} in this process. Fix: set KERAS_BACKEND={config.backend} before Python first "
+                           f"imports keras (`train --backend {config.backend}` does), or pass `backend='{backend}'`.")
+    if backend not in BACKENDS:
+        raise SiameseError(f"Expected Keras to run on {' or '.join(BACKENDS)}. Received: {backend}. Fix: set "
+                           "KERAS_BACKEND=jax or tensorflow.")
     keras.utils.set_random_seed(config.seed)
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        tf.config.experimental.enable_op_determinism()
-    strategy = training_strategy(gpus)
-    out = worker_path(config.out, strategy)
+    devices = placement(backend)
+    out = worker_path(config.out, devices)
     if out.is_dir():
         raise SiameseError(f"Expected `out` to name a checkpoint file. Received: {out}, which is a folder. Fix: name "
                            f"a file in it, e.g. {out / Path(TrainConfig.out).name}.")
     with atomic.output_lock(out):  # before any long work: a folder that cannot be written fails here
-        return _train(config, verbose, gpus, strategy, out)
+        return _train(config, verbose, devices, out)
 
 
-def _train(config: TrainConfig, verbose: int | str, gpus: list, strategy, out: Path) -> TrainResult:
+def _tensorboard(config: TrainConfig, devices: Placement) -> list[keras.callbacks.Callback]:
+    """Keras's TensorBoard callback writing to `config.tensorboard` (this worker's own folder on other workers):
+    losses, validation figures and the learning rate of every epoch. It needs TensorFlow's `tf.summary`, on either
+    backend; without TensorFlow there are no logs, with a warning."""
+    if config.tensorboard == "none":
+        return []
+    missing = [m for m in ("tensorflow", "tensorboard") if importlib.util.find_spec(m) is None]
+    if missing:
+        warnings.warn(f"TensorBoard logs need tensorflow and tensorboard (Keras writes them with tf.summary); "
+                      f"{' and '.join(missing)} not installed: none are written. Fix: pip install tensorflow-cpu "
+                      "tensorboard, or pass `tensorboard='none'`.", UserWarning, stacklevel=3)
+        return []
+    if devices.backend == "jax":
+        import tensorflow as tf
+
+        with contextlib.suppress(RuntimeError):  # TensorFlow already started: it has its devices
+            tf.config.set_visible_devices([], "GPU")  # the GPUs are JAX's; tf.summary needs only the CPU
+    return [keras.callbacks.TensorBoard(str(worker_path(config.tensorboard, devices)), write_graph=False)]
+
+
+def _train(config: TrainConfig, verbose: int | str, devices: Placement, out: Path) -> TrainResult:
     """`train` once the checkpoint `out` is locked for this run."""
     backup_dir = sidecar(out, "backup")
     backup_config = backup_dir / "config.json"
@@ -192,7 +219,7 @@ def _train(config: TrainConfig, verbose: int | str, gpus: list, strategy, out: P
     sampler = PairSampler(train_catalog, seed=config.seed)
 
     policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_float16" if gpus else "float32")
+    keras.mixed_precision.set_global_policy(devices.precision)
     try:
         cache = _choose_cache(config, len(train_catalog.filenames) + len(val_catalog.filenames))
         size = config.image_size
@@ -201,22 +228,22 @@ def _train(config: TrainConfig, verbose: int | str, gpus: list, strategy, out: P
         start_epoch = backup.saved_epoch()
         if config.loss == "triplet":
             sampler.triplets(0, 2)  # a catalog that cannot give triplets fails here, not inside fit
-        stream = _stream(config, strategy, sampler, config.images_per_epoch, start_epoch=start_epoch, cache=cache,
+        stream = _stream(config, devices, sampler, config.images_per_epoch, start_epoch=start_epoch, cache=cache,
                          images=train_images)
         steps = steps_per_epoch(config.images_per_epoch, config.batch_size)
 
-        with strategy.scope():
+        with devices.scope():
             embedding = build_embedding(config.backbone, size, config.embedding_dim, config.weights,
                                         config.trainable_layers)
         # The wrapper (no weights of its own) is made outside the scope and compiled and fitted inside it:
         # Keras 3 cannot build a model made inside a MultiWorkerMirroredStrategy scope (keras-team/keras#20585).
         model, loss = _training_model(config, embedding)
-        with strategy.scope():
+        with devices.scope():
             learning_rate = _learning_rate(config, steps * config.epochs)
             optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=config.weight_decay)
-            model.compile(optimizer=optimizer, loss=loss, jit_compile="auto" if gpus else False)
+            model.compile(optimizer=optimizer, loss=loss, jit_compile=devices.jit_compile)
 
-        metrics, validation, val_steps = _validation(config, strategy, val_catalog, embedding, cache, progress,
+        metrics, validation, val_steps = _validation(config, devices, val_catalog, embedding, cache, progress,
                                                      start_epoch)
         # Nothing held out: the last epoch. A batch-all loss is the mean over the pairs still inside the margin,
         # which grows harder as training goes, so epochs' losses do not say which model is best.
@@ -228,17 +255,18 @@ def _train(config: TrainConfig, verbose: int | str, gpus: list, strategy, out: P
             monitor, mode = ("val_loss", "min") if validation is not None else ("val_map_at_r", "max")
         checkpoint = BestCheckpoint(embedding, out, monitor, mode, backup_dir / "best.json", start_epoch,
                                     metrics[0] if metrics else None)
-        # epoch ends run in this order: measure, keep the best, back up; a non-finite loss ends the run
-        callbacks = [keras.callbacks.TerminateOnNaN(), *metrics, checkpoint, backup]
+        # epoch ends run in this order: measure, log, keep the best, back up; a non-finite loss ends the run
+        callbacks = [keras.callbacks.TerminateOnNaN(), *metrics, *_tensorboard(config, devices), checkpoint, backup]
 
         atomic.write_json(backup_config, config.to_dict())
         atomic.write_json(sidecar(out, "config"), config.to_dict())
         manifest = {
             "started": utc_now(),
             "seed": config.seed,
-            "versions": _versions(),
-            "devices": [d.name for d in gpus] or ["CPU"],
-            "cluster": cluster(),
+            "backend": config.backend,
+            "versions": _versions(config.backend),
+            "devices": devices.devices,
+            "cluster": devices.cluster,
             "precision": keras.mixed_precision.global_policy().name,
             "cache": cache,
             "catalog": {"labeled_data": str(config.labeled_data), "sha256": catalog.digest(),
@@ -247,7 +275,7 @@ def _train(config: TrainConfig, verbose: int | str, gpus: list, strategy, out: P
                       "val_items": [i.id for i in val_catalog.items]},
             "resumed_from_epoch": start_epoch,
         }
-        with strategy.scope():
+        with devices.scope():
             model.fit(stream, epochs=config.epochs, steps_per_epoch=steps, validation_data=validation,
                       validation_steps=val_steps, shuffle=False, callbacks=callbacks, verbose=verbose)
     finally:

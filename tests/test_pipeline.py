@@ -1,4 +1,5 @@
-"""tf.data pipelines: pairs decoded from files equal the decoder's output, with or without a cache."""
+"""Input pipelines: pairs decoded from files equal the decoder's output, with or without a cache, read as the
+PyDataset Keras reads on any backend or through tf.data alike."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from siamese.catalog import load_catalog
 from siamese.errors import SiameseError
 from siamese.images import ImageDecodeError, decode_image
 from siamese.pairs import PairSampler
-from siamese.pipeline import batch_dataset, decoded_images, image_dataset, pair_dataset, steps_per_epoch
+from siamese.pipeline import ItemBatches, PairBatches, decoded_images, steps_per_epoch
+from siamese.tfdata import image_dataset, tf_dataset
 
 
 @pytest.fixture
@@ -27,35 +29,66 @@ def catalog(digits):
     return load_catalog(digits / "test.json", digits)
 
 
-def take(ds, n):
-    return [(a.numpy(), b.numpy(), y.numpy()) for (a, b), y in ds.take(n)]
+FORMS = ("PyDataset", "tf.data")
 
 
-def test_pairs_from_files_are_the_decoded_images_of_the_sampled_pairs(catalog):
+def batches(source, n, form="PyDataset"):
+    """The first `n` batches `(x, y)` of `source` (x a tuple of arrays for pairs), as numpy: read as Keras reads a
+    PyDataset, or through `tf_dataset`."""
+    if form == "tf.data":
+        return list(tf_dataset(source).take(n).as_numpy_iterator())
+    return [source[i] for i in range(n)]
+
+
+def take(source, n, form="PyDataset"):
+    """The first `n` batches of pairs (triplets) of `source`, flat: `(images_a, images_b, same)`."""
+    return [(*x, y) for x, y in batches(source, n, form)]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_pairs_from_files_are_the_decoded_images_of_the_sampled_pairs(catalog, form):
     sampler = PairSampler(catalog, seed=5)
-    ds = pair_dataset(sampler, 16, batch_size=8, pairs_per_epoch=20)  # rounded up to 3 batches of 8
+    ds = PairBatches(sampler, 16, batch_size=8, pairs_per_epoch=20)  # rounded up to 3 batches of 8
     assert steps_per_epoch(20, 8) == 3
-    batches = take(ds, 6)  # two epochs
+    got = take(ds, 6, form)  # two epochs
+    assert ds.num_batches is None  # endless
     for epoch in range(2):
         pairs = sampler.pairs(epoch, 24)
-        got_a = np.concatenate([b[0] for b in batches[3 * epoch : 3 * epoch + 3]])
-        got_y = np.concatenate([b[2] for b in batches[3 * epoch : 3 * epoch + 3]])
+        got_a = np.concatenate([b[0] for b in got[3 * epoch : 3 * epoch + 3]])
+        got_y = np.concatenate([b[2] for b in got[3 * epoch : 3 * epoch + 3]])
         assert got_a.shape == (24, 16, 16, 3) and got_a.dtype == np.uint8
         assert (got_y == pairs.same).all()
         for k in (0, 11, 23):
             assert (got_a[k] == decode_image(catalog.paths[pairs.first[k]], 16)).all()
 
 
+def same_batches(got, want) -> bool:
+    """Whether two lists of flat batches (tuples of arrays) are equal."""
+    return len(got) == len(want) and all(
+        (p == q).all() for x, y in zip(got, want, strict=True) for p, q in zip(x, y, strict=True))
+
+
 def test_cached_and_single_process_pipelines_equal_the_file_pipeline_and_resume_at_an_epoch(catalog):
     sampler = PairSampler(catalog, seed=2)
-    from_files = take(pair_dataset(sampler, 12, batch_size=16, pairs_per_epoch=32), 4)
-    for cache, workers in (("none", 1), ("memory", None), ("disk", None)):
-        cached = take(pair_dataset(sampler, 12, batch_size=16, pairs_per_epoch=32, cache=cache, workers=workers), 4)
-        for x, y in zip(from_files, cached, strict=True):
-            assert all((p == q).all() for p, q in zip(x, y, strict=True))
-    resumed = take(pair_dataset(sampler, 12, batch_size=16, pairs_per_epoch=32, start_epoch=1), 2)
-    for x, y in zip(from_files[2:], resumed, strict=True):
-        assert all((p == q).all() for p, q in zip(x, y, strict=True))
+    from_files = take(PairBatches(sampler, 12, batch_size=16, pairs_per_epoch=32), 4)
+    for cache, workers, form in (("none", 1, "tf.data"), ("memory", None, "PyDataset"), ("disk", None, "tf.data")):
+        cached = PairBatches(sampler, 12, batch_size=16, pairs_per_epoch=32, cache=cache, workers=workers)
+        assert same_batches(take(cached, 4, form), from_files)
+    resumed = PairBatches(sampler, 12, batch_size=16, pairs_per_epoch=32, start_epoch=1)
+    assert same_batches(take(resumed, 2, "tf.data"), from_files[2:])
+    assert same_batches(take(resumed, 2), from_files[2:])
+
+
+def test_batches_load_alike_in_any_order_and_a_repeat_gives_the_first_batches_again(catalog):
+    sampler = PairSampler(catalog, seed=3)
+    source = ItemBatches(sampler, 8, batch_size=12, images_per_epoch=36)  # 3 batches an epoch
+    forward = [source[i] for i in range(7)]
+    backward = [ItemBatches(sampler, 8, batch_size=12, images_per_epoch=36)[i] for i in reversed(range(7))][::-1]
+    assert same_batches(backward, forward)  # what prefetching threads may do
+    fixed = ItemBatches(sampler, 8, batch_size=12, images_per_epoch=36, repeat=2)
+    assert fixed.num_batches == 2
+    assert same_batches([fixed[i] for i in range(5)], [forward[i % 2] for i in range(5)])
+    assert same_batches(batches(fixed, 5, "tf.data"), [forward[i % 2] for i in range(5)])
 
 
 def test_disk_cache_is_reused_until_a_file_changes(catalog, monkeypatch):
@@ -98,27 +131,29 @@ def test_pipeline_arguments_are_checked(tmp_path):
     catalog = load_catalog(solid_catalog(tmp_path, {"a": (2, []), "b": (2, [])}), tmp_path)
     sampler = PairSampler(catalog)
     with pytest.raises(SiameseError, match="Expected `cache` to be one of none, memory, disk. Received: 'ram'"):
-        pair_dataset(sampler, 8, cache="ram")  # type: ignore[arg-type]
+        PairBatches(sampler, 8, cache="ram")  # type: ignore[arg-type]
     with pytest.raises(SiameseError, match="Expected `batch_size` >= 1. Received: 0"):
-        pair_dataset(sampler, 8, batch_size=0)
+        PairBatches(sampler, 8, batch_size=0)
     with pytest.raises(SiameseError, match=r"Expected decoded images of shape \(4, 8, 8, 3\)"):
-        pair_dataset(sampler, 8, cache="memory", images=np.zeros((4, 9, 9, 3), np.uint8))
+        PairBatches(sampler, 8, cache="memory", images=np.zeros((4, 9, 9, 3), np.uint8))
 
 
 def test_triplet_stream_decodes_anchor_positive_negative(catalog):
     sampler = PairSampler(catalog, seed=4)
-    (anchors, positives, negatives), zeros = next(iter(pair_dataset(sampler, 8, batch_size=6, triplets=True)))
+    [((anchors, positives, negatives), zeros)] = batches(PairBatches(sampler, 8, batch_size=6, triplets=True), 1,
+                                                         "tf.data")
     drawn = sampler.triplets(0, steps_per_epoch(1024, 6) * 6)
-    assert anchors.shape == (6, 8, 8, 3) and (zeros.numpy() == 0).all()
+    assert anchors.shape == (6, 8, 8, 3) and (zeros == 0).all()
     for k in range(6):
-        assert (negatives[k].numpy() == decode_image(catalog.paths[drawn.negative[k]], 8)).all()
-        assert (positives[k].numpy() == decode_image(catalog.paths[drawn.positive[k]], 8)).all()
+        assert (negatives[k] == decode_image(catalog.paths[drawn.negative[k]], 8)).all()
+        assert (positives[k] == decode_image(catalog.paths[drawn.positive[k]], 8)).all()
 
 
-def test_batch_stream_holds_the_sampled_batches_and_their_relations_and_resumes(catalog):
+@pytest.mark.parametrize("form", FORMS)
+def test_batch_stream_holds_the_sampled_batches_and_their_relations_and_resumes(catalog, form):
     sampler = PairSampler(catalog, seed=6)
-    ds = batch_dataset(sampler, 8, batch_size=12, images_per_item=3, images_per_epoch=30)  # 3 batches an epoch
-    got = [(x.numpy(), y.numpy()) for x, y in ds.take(6)]
+    ds = ItemBatches(sampler, 8, batch_size=12, images_per_item=3, images_per_epoch=30)  # 3 batches an epoch
+    got = batches(ds, 6, form)
     for epoch in range(2):
         drawn = sampler.batches(epoch, 3, 12, 3)
         for b in range(3):
@@ -128,36 +163,35 @@ def test_batch_stream_holds_the_sampled_batches_and_their_relations_and_resumes(
             assert (target[:, 1:] == sampler.relations(drawn[b])).all()
             for k in (0, 5, 11):
                 assert (images[k] == decode_image(catalog.paths[drawn[b][k]], 8)).all()
-    cached = batch_dataset(sampler, 8, batch_size=12, images_per_item=3, images_per_epoch=30, cache="memory",
-                           start_epoch=1)
-    for (x, y), (want_x, want_y) in zip(cached.take(3), got[3:], strict=True):
-        assert (x.numpy() == want_x).all() and (y.numpy() == want_y).all()
+    cached = ItemBatches(sampler, 8, batch_size=12, images_per_item=3, images_per_epoch=30, cache="memory",
+                         start_epoch=1)
+    assert same_batches(batches(cached, 3, form), got[3:])
 
 
 def test_the_shards_of_a_stream_are_the_slices_of_its_batches_in_order(catalog):
     sampler = PairSampler(catalog, seed=7)
-    whole = [(x.numpy(), y.numpy()) for x, y in batch_dataset(sampler, 8, batch_size=12, images_per_epoch=24).take(3)]
-    shards = [[(x.numpy(), y.numpy()) for x, y in batch_dataset(sampler, 8, batch_size=12, images_per_epoch=24,
-                                                                  shard=(i, 3)).take(3)] for i in range(3)]
+    whole = batches(ItemBatches(sampler, 8, batch_size=12, images_per_epoch=24), 3, "tf.data")
+    shards = [batches(ItemBatches(sampler, 8, batch_size=12, images_per_epoch=24, shard=(i, 3)), 3) for i in range(3)]
     for b, (x, y) in enumerate(whole):
         assert (np.concatenate([s[b][0] for s in shards]) == x).all()
         assert (np.concatenate([s[b][1] for s in shards]) == y).all()  # positions and relations: the whole batch's
         assert shards[2][b][1].shape == (4, 13) and (shards[2][b][1][:, 0] == [8, 9, 10, 11]).all()
-    pairs = take(pair_dataset(sampler, 8, batch_size=6, pairs_per_epoch=12), 2)
-    halves = [take(pair_dataset(sampler, 8, batch_size=6, pairs_per_epoch=12, shard=(i, 2)), 2) for i in range(2)]
+    pairs = take(PairBatches(sampler, 8, batch_size=6, pairs_per_epoch=12), 2)
+    halves = [take(PairBatches(sampler, 8, batch_size=6, pairs_per_epoch=12, shard=(i, 2)), 2, "tf.data")
+              for i in range(2)]
     for b, (a, other, same) in enumerate(pairs):
         for n, want in enumerate((a, other, same)):
             assert (np.concatenate([h[b][n] for h in halves]) == want).all()
     with pytest.raises(SiameseError, match=r"n dividing the batch size 12. Received: \(0, 5\)"):
-        batch_dataset(sampler, 8, batch_size=12, shard=(0, 5))
+        ItemBatches(sampler, 8, batch_size=12, shard=(0, 5))
     with pytest.raises(SiameseError, match=r"0 <= i < n .* Received: \(2, 2\)"):
-        pair_dataset(sampler, 8, batch_size=12, shard=(2, 2))
+        PairBatches(sampler, 8, batch_size=12, shard=(2, 2))
 
 
 KILLED = """
 import json, os, signal, sys
 from siamese.catalog import load_catalog
-from siamese.pipeline import image_dataset
+from siamese.tfdata import image_dataset
 labeled, image_dir, out = sys.argv[1:]
 next(iter(image_dataset(load_catalog(labeled, image_dir), 8, batch_size=8, workers=2)))
 parents = {}

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from siamese import __version__
 from siamese.cli.common import Parser, translate
+from siamese.config import BACKENDS
 from siamese.errors import SiameseError, os_error_message
 
 COMMANDS = ("validate", "train", "export", "index", "merge_index", "query", "serve", "similarity", "evaluate",
@@ -66,12 +67,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow with its C++ start-up chatter (oneDNN, CUDA probing) hidden.
+def _choose_backend(args: argparse.Namespace) -> str:
+    """The Keras backend of the command, set in KERAS_BACKEND (read once, when keras is first imported) and in
+    `args.backend`: train's --backend, else $KERAS_BACKEND, else tensorflow; TensorFlow for every other command,
+    which loads checkpoints of either backend."""
+    backend = "tensorflow"
+    if hasattr(args, "backend"):
+        args.backend = backend = args.backend or os.environ.get("KERAS_BACKEND") or backend
+        if backend not in BACKENDS:
+            raise SiameseError(f"Expected KERAS_BACKEND to be one of {', '.join(BACKENDS)}. Received: {backend!r}. "
+                               "Fix: pass --backend, or unset KERAS_BACKEND.")
+    os.environ["KERAS_BACKEND"] = backend
+    if "keras" in sys.modules:
+        import keras
+
+        if keras.backend.backend() != backend:
+            raise SiameseError(f"Expected Keras to run on {backend}. Received: keras is imported already, running on "
+                               f"{keras.backend.backend()}. Fix: call the command in a fresh Python process.")
+    return backend
+
+
+def _import_tensorflow_quietly(backend: str) -> None:
+    """Import Keras and TensorFlow with TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) hidden.
 
     TF 2.21 logs it through absl before logging is set up, which TF_CPP_MIN_LOG_LEVEL no longer silences, so
     stderr is pointed at /dev/null for the import only. Python errors still surface; set
-    TF_CPP_MIN_LOG_LEVEL yourself (e.g. 0) to see everything.
+    TF_CPP_MIN_LOG_LEVEL yourself (e.g. 0) to see everything. On the jax `backend` TensorFlow only writes the
+    TensorBoard logs: it may be missing, and it sees no GPU (JAX's).
     """
     if "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
         return
@@ -82,9 +104,16 @@ def _import_tensorflow_quietly() -> None:
         with open(os.devnull, "wb") as devnull:
             os.dup2(devnull.fileno(), 2)
         import keras  # noqa: F401
-        import tensorflow as tf
 
+        try:
+            import tensorflow as tf
+        except ImportError:
+            if backend == "tensorflow":
+                raise
+            return
         tf.config.list_physical_devices()
+        if backend != "tensorflow":
+            tf.config.set_visible_devices([], "GPU")
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -101,12 +130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command_parser = command = parser.commands[args.command]
     if hasattr(args, "no_progress") and not (sys.stdout.isatty() and sys.stderr.isatty()):
         args.no_progress = True  # a log file, not a terminal: no redrawn bars (train prints one line an epoch)
-    if args.tensorflow:
-        _import_tensorflow_quietly()
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *_, **__: print(f"warning: {translate(str(message), command)}",
                                                                file=sys.stderr)
         try:
+            if args.tensorflow:
+                _import_tensorflow_quietly(_choose_backend(args))
             return args.run(args)
         except SiameseError as e:
             print(f"{parser.prog}: error: {translate(str(e), command)}", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from siamese.cli.common import add_catalog_args, deprecated
-from siamese.config import BACKBONES, CACHES, LOSSES, TrainConfig
+from siamese.config import BACKBONES, BACKENDS, CACHES, LOSSES, TrainConfig
 
 NAME = "train"
 TENSORFLOW = True
@@ -33,6 +33,9 @@ def register(commands) -> argparse.ArgumentParser:
     action = g.add_argument("--output", dest="out", default=d.out, metavar="FILE",
                             help=f"checkpoint: .keras, or .h5/.hdf5 for HDF5 (default {d.out})")
     deprecated(p, action, "--out")
+    g.add_argument("--tensorboard", metavar="DIR",
+                   help="TensorBoard logs: losses, validation figures and learning rate of every epoch (default "
+                   "NAME.logs beside the checkpoint; none: no logs). View them with `tensorboard --logdir DIR`")
 
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default=d.backbone, choices=tuple(BACKBONES), help=f"default {d.backbone}")
@@ -43,6 +46,10 @@ def register(commands) -> argparse.ArgumentParser:
     g.add_argument("--embedding-dim", type=int, default=d.embedding_dim, help=f"default {d.embedding_dim}")
     g.add_argument("--trainable-layers", type=int, default=None, metavar="N",
                    help="0 freezes the backbone, N fine-tunes its top N layers (default: train all)")
+
+    g.add_argument("--backend", choices=BACKENDS,
+                   help="the Keras backend to train on (default: $KERAS_BACKEND, else tensorflow): tensorflow is "
+                   "faster on the CPU, jax is there for GPUs; checkpoints of either load on both")
 
     g = p.add_argument_group("batches and loss")
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
