@@ -33,7 +33,7 @@ DOCKER_RUN = $(DOCKER) run --rm $(DOCKER_TTY) --user $$(id -u):$$(id -g) -e HOME
 	-v "$(CURDIR)":/app -v "$(abspath $(DATA))":/data \
 	-v "$(HOME)/.keras":/tmp/.keras -v "$(HOME)/.cache/siamese":/tmp/.cache/siamese -w /app
 
-.PHONY: help install demo serve serve-docker test test-fast test-docker lint bench bench-train bench-open-set docker-build docker-build-cpu docker-build-gpu notebook \
+.PHONY: help install demo serve serve-docker test test-fast test-docker lint bench bench-train bench-backends bench-open-set docker-build docker-build-cpu docker-build-gpu notebook \
 	notebook-local bash-cpu bash-gpu
 
 help:
@@ -46,6 +46,7 @@ help:
 	@echo "make lint      ruff"
 	@echo "make bench     input pipeline, index and embedding benchmarks (figures in docs/benchmarks.md; about 6 minutes)"
 	@echo "make bench-train  train small_cnn on Fashion-MNIST, closed-set precision@1 and speed (about 15 minutes)"
+	@echo "make bench-backends  the same training on TensorFlow and on JAX: speed and precision@1 (about 20 minutes)"
 	@echo "make bench-open-set  train with the defaults, search items training never saw (about 10 minutes)"
 	@echo "make notebook-local  Jupyter from the virtualenv"
 	@echo "make docker-build    build the GPU and CPU images ($(IMAGE):gpu, $(IMAGE):cpu)"
@@ -88,6 +89,11 @@ bench: $(STAMP)
 
 bench-train: $(STAMP)
 	$(BIN)/python benchmarks/train_fashion_mnist.py
+
+# The same recipe and batches on each backend: training images/s (files and cached) and precision@1.
+bench-backends: $(STAMP)
+	$(BIN)/python benchmarks/train_fashion_mnist.py --backend tensorflow --epochs 2 --images-per-epoch 32768
+	$(BIN)/python benchmarks/train_fashion_mnist.py --backend jax --epochs 2 --images-per-epoch 32768
 
 bench-open-set: $(STAMP)
 	$(BIN)/python benchmarks/open_set.py

@@ -6,7 +6,8 @@ held-out items before training and after each epoch, and keeps the best embeddin
 for `.h5`/`.hdf5` names) with its configuration and a manifest beside it. The untrained network is a
 candidate: when no epoch beats it on held-out items, its weights are kept, with a warning. A run killed at
 any point and started again with the same settings goes on from its last finished epoch and ends with the
-same weights (on the CPU).
+same weights (on the CPU). The same code runs on Keras's TensorFlow or JAX backend (`siamese.distribute` places
+it on the devices); on JAX it needs no TensorFlow, except for the TensorBoard logs.
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ for path in spec.get("embed", []):  # each checkpoint's embeddings of the pixels
     np.save(path + ".jax.npy", keras.ops.convert_to_numpy(model(pixels, training=False)))
     for copy in spec.get("resave", {}).get(path, []):
         model.save(copy)
+report["tensorflow"] = "tensorflow" in sys.modules
 print(json.dumps(report))
 """
 
@@ -144,8 +145,10 @@ def test_data_parallel_over_two_devices_trains_like_one_device(digits, tmp_path,
         out = tmp_path / f"devices{devices}.keras"
         # one step an epoch: each epoch's loss is that step's
         config = settings(digits, out, epochs=4, batch_size=16, images_per_epoch=16, tensorboard="none")
-        runs[devices] = on_jax({"train": config, "pixels": str(pixels_file)}, devices)["history"]
+        report = on_jax({"train": config, "pixels": str(pixels_file)}, devices)
+        runs[devices] = report["history"]
         assert len(json.loads(sidecar(out, "manifest").read_text())["devices"]) == devices
+        assert not report["tensorflow"]  # training on JAX needs no TensorFlow (only TensorBoard logs would)
     one, two = ([h["loss"] for h in runs[n][1:]] for n in (1, 2))
     assert len(one) == 4 and len(set(one)) == 4  # four different steps
     np.testing.assert_allclose(two, one, rtol=1e-5)

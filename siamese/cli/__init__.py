@@ -91,11 +91,12 @@ def _import_tensorflow_quietly(backend: str) -> None:
     """Import Keras and TensorFlow with TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) hidden.
 
     TF 2.21 logs it through absl before logging is set up, which TF_CPP_MIN_LOG_LEVEL no longer silences, so
-    stderr is pointed at /dev/null for the import only. Python errors still surface; set
-    TF_CPP_MIN_LOG_LEVEL yourself (e.g. 0) to see everything. On the jax `backend` TensorFlow only writes the
-    TensorBoard logs: it may be missing, and it sees no GPU (JAX's).
+    stderr is pointed at /dev/null for the import only. Python errors still surface; set TF_CPP_MIN_LOG_LEVEL=0
+    to see everything (any other value is no request to see it: importing jax, which TensorFlow does when it is
+    installed, sets 1 for child processes too). On the jax `backend` TensorFlow only writes the TensorBoard
+    logs: it may be missing, and it sees no GPU (JAX's).
     """
-    if "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0" or "tensorflow" in sys.modules:
         return
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     sys.stderr.flush()
