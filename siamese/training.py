@@ -175,6 +175,10 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
     if out.is_dir():
         raise SiameseError(f"Expected `out` to name a checkpoint file. Received: {out}, which is a folder. Fix: name "
                            f"a file in it, e.g. {out / Path(TrainConfig.out).name}.")
+    logs = Path(config.tensorboard)
+    if config.tensorboard != "none" and logs.exists() and not logs.is_dir():
+        raise SiameseError(f"Expected `tensorboard` to name a folder for the logs. Received: {logs}, which is a file. "
+                           "Fix: name another folder, or pass `tensorboard='none'`.")
     with atomic.output_lock(out):  # before any long work: a folder that cannot be written fails here
         return _train(config, verbose, devices, out)
 

@@ -23,6 +23,7 @@ import siamese.models as models_module
 from siamese.catalog import load_catalog
 from siamese.checkpoint import sidecar
 from siamese.config import TrainConfig
+from siamese.distribute import Placement
 from siamese.errors import SiameseError
 from siamese.export import export_savedmodel
 from siamese.models import build_embedding, load_embedding, save_embedding
@@ -35,13 +36,24 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = {"image_size": 16, "batch_size": 32, "images_per_epoch": 512, "val_pairs": 128, "embedding_dim": 16}
 
 ON_JAX = """
-import json, sys
+import importlib.abc, json, sys
+spec = json.loads(sys.argv[1])
+
+
+class NoTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "tensorflow":
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)")
+
+
+if spec.get("hide_tensorflow"):  # as on a machine without it
+    sys.meta_path.insert(0, NoTensorFlow())
 import keras, numpy as np
 from siamese.config import TrainConfig
+from siamese.distribute import Placement
 from siamese.models import load_embedding
 from siamese.training import train
 assert keras.backend.backend() == "jax", keras.backend.backend()
-spec = json.loads(sys.argv[1])
 report = {}
 if "train" in spec:
     report["history"] = train(TrainConfig(**spec["train"]), verbose=0).history
@@ -51,19 +63,28 @@ for path in spec.get("embed", []):  # each checkpoint's embeddings of the pixels
     np.save(path + ".jax.npy", keras.ops.convert_to_numpy(model(pixels, training=False)))
     for copy in spec.get("resave", {}).get(path, []):
         model.save(copy)
-report["tensorflow"] = "tensorflow" in sys.modules
 print(json.dumps(report))
 """
 
 
-def on_jax(spec: dict, devices: int = 1) -> dict:
-    """Run `ON_JAX` with `spec` in a fresh process on the JAX backend, over `devices` virtual CPU devices."""
+def start_on_jax(spec: dict, devices: int = 1) -> subprocess.Popen:
+    """Start `ON_JAX` with `spec` in a fresh process on the JAX backend, over `devices` virtual CPU devices."""
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT),
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    result = subprocess.run([sys.executable, "-c", ON_JAX, json.dumps(spec)], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.splitlines()[-1])
+    return subprocess.Popen([sys.executable, "-c", ON_JAX, json.dumps(spec)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def report_of(process: subprocess.Popen) -> dict:
+    """What a process of `start_on_jax` reported, once it ended well."""
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    return json.loads(out.splitlines()[-1])
+
+
+def on_jax(spec: dict, devices: int = 1) -> dict:
+    """Run `ON_JAX` with `spec` on the JAX backend and return its report."""
+    return report_of(start_on_jax(spec, devices))
 
 
 def settings(digits, out, **kwargs) -> dict:
@@ -92,13 +113,13 @@ def test_jax_trains_and_its_checkpoint_loads_and_exports_on_tensorflow_with_the_
                                                                                                   pixels):
     images, pixels_file = pixels
     out = tmp_path / "jax.keras"
-    config = settings(digits, out, epochs=3, images_per_epoch=4096, val_labeled_data=str(digits / "test.json"))
+    config = settings(digits, out, epochs=2, images_per_epoch=2048, val_labeled_data=str(digits / "test.json"))
     h5 = tmp_path / "jax.hdf5"
     report = on_jax({"train": config, "pixels": str(pixels_file), "embed": [str(out)], "resave": {str(out): [str(h5)]}})
 
     history = report["history"]
     losses = [h["loss"] for h in history[1:]]
-    assert np.isfinite(losses).all() and losses[0] > losses[1] > losses[2], losses
+    assert np.isfinite(losses).all() and losses[0] > losses[1], losses
     assert max(h["val_map_at_r"] for h in history[1:]) > history[0]["val_map_at_r"] + 0.05  # it learns
     manifest = json.loads(sidecar(out, "manifest").read_text())
     assert manifest["backend"] == "jax" and "jax" in manifest["versions"] and manifest["devices"] == ["cpu:0 cpu"]
@@ -140,15 +161,18 @@ def test_tensorflow_checkpoints_load_on_jax_with_the_same_embeddings(digits, tmp
 
 def test_data_parallel_over_two_devices_trains_like_one_device(digits, tmp_path, pixels):
     images, pixels_file = pixels
-    runs = {}
-    for devices in (1, 2):
+    processes = {}
+    for devices in (1, 2):  # side by side: each on its own core, mostly
         out = tmp_path / f"devices{devices}.keras"
         # one step an epoch: each epoch's loss is that step's
         config = settings(digits, out, epochs=4, batch_size=16, images_per_epoch=16, tensorboard="none")
-        report = on_jax({"train": config, "pixels": str(pixels_file)}, devices)
-        runs[devices] = report["history"]
-        assert len(json.loads(sidecar(out, "manifest").read_text())["devices"]) == devices
-        assert not report["tensorflow"]  # training on JAX needs no TensorFlow (only TensorBoard logs would)
+        # training on JAX needs no TensorFlow (only the TensorBoard logs would)
+        processes[devices] = start_on_jax({"train": config, "pixels": str(pixels_file), "hide_tensorflow": True},
+                                          devices)
+    runs = {devices: report_of(process)["history"] for devices, process in processes.items()}
+    for devices in (1, 2):
+        assert len(json.loads(sidecar(tmp_path / f"devices{devices}.keras", "manifest").read_text())["devices"]) == (
+            devices)
     one, two = ([h["loss"] for h in runs[n][1:]] for n in (1, 2))
     assert len(one) == 4 and len(set(one)) == 4  # four different steps
     np.testing.assert_allclose(two, one, rtol=1e-5)
@@ -158,9 +182,10 @@ def test_data_parallel_over_two_devices_trains_like_one_device(digits, tmp_path,
     # move its weight by up to a step (3e-3), so the embeddings are compared, not each weight
     one_model, two_model = (load_embedding(tmp_path / f"devices{n}.keras") for n in (1, 2))
     np.testing.assert_allclose(two_model.predict(images, verbose=0), one_model.predict(images, verbose=0), atol=1e-4)
-    with pytest.raises(AssertionError, match="Expected `batch_size` to be a multiple of the 2 devices"):
-        on_jax({"train": settings(digits, tmp_path / "odd.keras", batch_size=15, images_per_item=3), "pixels":
-                str(pixels_file)}, 2)
+    two_devices = Placement("jax", ["cpu:0 cpu", "cpu:1 cpu"], accelerated=False, replicas=2)
+    with pytest.raises(SiameseError, match=r"Expected `batch_size` to be a multiple of the 2 devices, so each takes "
+                                           r"an equal share\. Received: 15"):
+        two_devices.batches(15, lambda shard: pytest.fail("no batches for a batch the devices cannot share"))
 
 
 def test_the_backend_is_checked(digits, tmp_path):
