@@ -202,3 +202,13 @@ def test_the_backend_is_checked(digits, tmp_path):
     assert "error: Expected KERAS_BACKEND to be one of tensorflow, jax. Received: 'torch'. Fix: pass --backend" in (
         result.stderr)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_gpu_check_refuses_a_machine_without_a_gpu_and_reports_why(tmp_path):
+    env = {**os.environ, "KERAS_BACKEND": "jax", "OUT": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and "error: JAX sees no GPU" in result.stderr, result.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["platform"] == "cpu" and report["versions"]["keras"] == keras.__version__
+    assert report["steps"]["gpu"]["passed"] is False and "train" not in report["steps"]
