@@ -274,7 +274,9 @@ def throughput(backbone: str, image_size: int, batch: int, seconds: float, polic
 
 def throughputs(seconds: float, batch: int, on_gpu: bool) -> dict[str, Any]:
     """Step 4: `throughput` of each of THROUGHPUT_MODELS."""
-    policy = "mixed_bfloat16" if on_gpu else "float32"
+    from siamese.distribute import placement
+
+    policy = placement("jax").precision  # what train uses on these devices
     results, notes = {}, []
     for backbone, size in THROUGHPUT_MODELS:
         model_batch = batch

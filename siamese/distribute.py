@@ -20,10 +20,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from siamese.errors import SiameseError
-from siamese.pipeline import TrainingBatches
+
+if TYPE_CHECKING:
+    from siamese.pipeline import TrainingBatches
 
 JAX_CLUSTER = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 """The environment that makes several JAX hosts one training run (`jax.distributed.initialize`'s arguments)."""
@@ -132,6 +134,7 @@ def placement(backend: str) -> Placement:
     import jax
     import keras
 
+    _hide_gpus_from_tensorflow()
     hosts = jax_cluster()
     if hosts is not None and not jax.distributed.is_initialized():
         jax.distributed.initialize(hosts["coordinator"], hosts["processes"], hosts["process"])
@@ -148,6 +151,17 @@ def worker_path(path: str | os.PathLike, placement: Placement) -> Path:
     keeps its own backup, which is what lets it resume)."""
     path = Path(path)
     return path if placement.worker == 0 else path.parent / f".worker-{placement.worker}" / path.name
+
+
+def _hide_gpus_from_tensorflow() -> None:
+    """On JAX the GPUs are JAX's: TensorFlow, where installed (Keras's `set_random_seed` imports it, and
+    TensorBoard's `tf.summary` needs only the CPU), is kept off them. Nothing once TensorFlow's runtime started."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return
+    with contextlib.suppress(RuntimeError):
+        tf.config.set_visible_devices([], "GPU")
 
 
 def _tf_placement() -> Placement:

@@ -12,7 +12,6 @@ it on the devices); on JAX it needs no TensorFlow, except for the TensorBoard lo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
 import json
@@ -169,8 +168,8 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
     if backend not in BACKENDS:
         raise SiameseError(f"Expected Keras to run on {' or '.join(BACKENDS)}. Received: {backend}. Fix: set "
                            "KERAS_BACKEND=jax or tensorflow.")
+    devices = placement(backend)  # first: on JAX it keeps TensorFlow, which set_random_seed imports, off the GPUs
     keras.utils.set_random_seed(config.seed)
-    devices = placement(backend)
     out = worker_path(config.out, devices)
     if out.is_dir():
         raise SiameseError(f"Expected `out` to name a checkpoint file. Received: {out}, which is a folder. Fix: name "
@@ -195,11 +194,6 @@ def _tensorboard(config: TrainConfig, devices: Placement) -> list[keras.callback
                       f"{' and '.join(missing)} not installed: none are written. Fix: pip install tensorflow-cpu "
                       "tensorboard, or pass `tensorboard='none'`.", UserWarning, stacklevel=3)
         return []
-    if devices.backend == "jax":
-        import tensorflow as tf
-
-        with contextlib.suppress(RuntimeError):  # TensorFlow already started: it has its devices
-            tf.config.set_visible_devices([], "GPU")  # the GPUs are JAX's; tf.summary needs only the CPU
     return [keras.callbacks.TensorBoard(str(worker_path(config.tensorboard, devices)), write_graph=False)]
 
 

@@ -94,7 +94,7 @@ def _import_tensorflow_quietly(backend: str) -> None:
     stderr is pointed at /dev/null for the import only. Python errors still surface; set TF_CPP_MIN_LOG_LEVEL=0
     to see everything (any other value is no request to see it: importing jax, which TensorFlow does when it is
     installed, sets 1 for child processes too). On the jax `backend` TensorFlow only writes the TensorBoard
-    logs: it may be missing, and it sees no GPU (JAX's).
+    logs: it may be missing (`siamese.distribute` keeps it off JAX's GPUs).
     """
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0" or "tensorflow" in sys.modules:
         return
@@ -113,8 +113,6 @@ def _import_tensorflow_quietly(backend: str) -> None:
                 raise
             return
         tf.config.list_physical_devices()
-        if backend != "tensorflow":
-            tf.config.set_visible_devices([], "GPU")
     finally:
         os.dup2(saved, 2)
         os.close(saved)
