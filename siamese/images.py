@@ -315,10 +315,15 @@ def check_images(
         return catalog
     if on_bad_image == "fail":
         raise BadImagesError(bad, catalog.image_dir)
+    warn_skipped(bad, stacklevel=3)
+    return catalog.without_images({b.filename for b in bad})
+
+
+def warn_skipped(bad: list[BadImage], stacklevel: int = 2) -> None:
+    """The one warning of `on_bad_image="skip"`: how many images were left out, and the first's item and file."""
     warnings.warn(
         f"Skipping {plural(len(bad), 'image')} that cannot be decoded "
         f"(first: {bad[0]}); run `validate` to list them all.",
         UserWarning,
-        stacklevel=2,
+        stacklevel=stacklevel,
     )
-    return catalog.without_images({b.filename for b in bad})
