@@ -39,7 +39,7 @@ DOCKER_RUN = $(DOCKER) run --rm $(DOCKER_TTY) --user $$(id -u):$$(id -g) -e HOME
 help:
 	@echo "make demo      the whole job on real data with no download, into demo/ (under 15 minutes on 2 cores)"
 	@echo "make install   virtualenv in $(VENV) with requirements.txt and the siamese package"
-	@echo "make test      the test suite (what CI runs)"
+	@echo "make test      the test suite (what CI runs); first installs the Debian packages it reads (scripts/packages.txt)"
 	@echo "make test-fast the tests that do not train or run end to end (a quick loop; make test runs all)"
 	@echo "make test-docker  build both images on a local Debian base and run the docker targets (needs dockerd)"
 	@echo "make serve INDEX=exports/index  the search service and its page on http://127.0.0.1:$(SERVE_PORT)"
@@ -62,10 +62,16 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
+# The Debian packages the tests read (scripts/packages.txt): installed when missing, where this machine can (root or
+# sudo without a password, apt-get); elsewhere one line names them and the tests that skip without them.
+TEST_PACKAGES := data fonts browser
+
 demo: $(STAMP)
+	@scripts/debian-packages.sh data
 	$(BIN)/python utilities.py demo --output demo
 
 test: $(STAMP)
+	@scripts/debian-packages.sh $(TEST_PACKAGES)
 	$(BIN)/python -m pytest
 
 serve: $(STAMP)
@@ -77,6 +83,7 @@ test-fast: $(STAMP)
 
 # Needs a docker engine (.ci/run starts one); builds both images on docker/make-test-base.sh's local base.
 test-docker: $(STAMP)
+	@scripts/debian-packages.sh docker
 	$(BIN)/python -m pytest -m docker tests/test_docker_engine.py
 
 lint: $(STAMP)

@@ -1,8 +1,10 @@
-"""Shared fixtures: an isolated cache folder, image and catalog writers, a digits catalog, the CLI, a free port."""
+"""Shared fixtures: an isolated cache folder, image and catalog writers, a digits catalog, the CLI, a free port, and
+`require_package` for the tests that read a Debian package."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -12,6 +14,32 @@ from PIL import Image
 
 from siamese import cli
 from siamese.datasets import make_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ROOT / "scripts" / "packages.txt"
+STRICT = "SIAMESE_TESTS_STRICT"
+"""Set to 1 (.ci/run does), a test whose Debian package is missing fails instead of skipping."""
+
+
+def debian_packages(path: Path = PACKAGES) -> dict[str, Path]:
+    """{package: the file that shows it is installed} of scripts/packages.txt, the one list of them."""
+    rows = (line.split(maxsplit=3) for line in path.read_text().splitlines())
+    return {row[1]: Path(row[2]) for row in rows if row and not row[0].startswith("#")}
+
+
+def require_package(*names: str, packages: dict[str, Path] | None = None) -> None:
+    """Skip the calling test unless Debian's packages `names` are installed, naming them and the command that
+    installs them; under SIAMESE_TESTS_STRICT=1 fail instead, so CI cannot pass with a part of the suite skipped."""
+    packages = debian_packages() if packages is None else packages
+    missing = [name for name in names if not packages[name].exists()]
+    if not missing:
+        return
+    files = ", ".join(str(packages[name]) for name in missing)
+    fix = f"apt-get install {' '.join(missing)} (make test installs them where it can: scripts/debian-packages.sh)"
+    if os.environ.get(STRICT) == "1":
+        pytest.fail(f"Debian package {', '.join(missing)} is not installed ({files} is missing), and {STRICT}=1 "
+                    f"allows no skip. Fix: {fix}", pytrace=False)
+    pytest.skip(f"needs Debian's {', '.join(missing)}: {fix}")
 
 
 @pytest.fixture(autouse=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 
 import numpy as np
 import pytest
+from conftest import require_package
 from PIL import Image
 
 from siamese.catalog import load_catalog
@@ -45,10 +45,7 @@ def test_cli_make_dataset_with_limit(tmp_path, run_cli):
 
 
 def test_fashion_mnist_from_the_debian_package(tmp_path):
-    if find_fashion_mnist() is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must install dataset-fashion-mnist (see .ci/run)")
-        pytest.skip("Fashion-MNIST files are not on this machine (apt-get install dataset-fashion-mnist)")
+    require_package("dataset-fashion-mnist")
     written = make_dataset("fashion-mnist", tmp_path, limit=300, progress=False)
     catalog = load_catalog(written["train"], tmp_path)
     assert {i.id for i in catalog.items} == set(FASHION_MNIST_CLASSES)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import unicodedata
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_package
 from fontTools.fontBuilder import FontBuilder
 from fontTools.pens.ttGlyphPen import TTGlyphPen
 from PIL import Image
@@ -28,12 +28,10 @@ ITEM_ID = re.compile(r"([a-z]+)-([0-9A-F]{4,})")
 
 @pytest.fixture(scope="session")
 def fonts():
-    """The installed fonts; CI must have them (.ci/run installs them), elsewhere the tests skip."""
+    """The installed fonts of the five font packages (make test installs them; see `require_package`)."""
+    require_package(*FONT_PACKAGES.split())
     fonts = find_fonts()
-    if len(fonts) < 50 or not (DEJAVU.is_file() and LIBERATION.is_file()):
-        if os.environ.get("CI"):
-            pytest.fail("CI must install the font packages (see .ci/run)")
-        pytest.skip(f"the fonts are not installed (apt-get install {FONT_PACKAGES})")
+    assert len(fonts) >= 50 and DEJAVU.is_file() and LIBERATION.is_file()
     return fonts
 
 

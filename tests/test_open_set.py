@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import require_package
 
 from siamese.catalog import load_catalog
 from siamese.config import TrainConfig
 from siamese.embed import RAW_PIXELS, evaluate_models
-from siamese.glyphs import find_fonts, make_glyphs
+from siamese.glyphs import FONT_PACKAGES, make_glyphs
 from siamese.training import train
 
 pytestmark = pytest.mark.slow  # trains or runs end to end: make test runs it, make test-fast not
@@ -18,8 +19,7 @@ pytestmark = pytest.mark.slow  # trains or runs end to end: make test runs it, m
 
 @pytest.fixture(scope="module")
 def glyphs(tmp_path_factory) -> Path:
-    if len(find_fonts()) < 50:
-        pytest.skip("the fonts are not installed (.ci/run installs them)")
+    require_package(*FONT_PACKAGES.split())
     out = tmp_path_factory.mktemp("glyphs")
     scripts = {"train": ("latin", "greek", "cyrillic"), "test": ("armenian",)}
     make_glyphs(out, scripts=scripts, max_items_per_script=80, image_size=24, progress=False)

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import debian_packages, require_package
 from servers import Server, digits_index
 
 from siamese.search import Index
 
 pytestmark = pytest.mark.slow
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+CHROMIUM, CHROMEDRIVER = (str(debian_packages()[name]) for name in ("chromium", "chromium-driver"))
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_the_page_searches_and_a_click_searches_again_in_chromium(index_dir, tmp
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    assert os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER), "apt-get install chromium chromium-driver"
+    require_package("chromium", "chromium-driver")
     index = Index.load(index_dir)
     row = index.items.index("digit_2")
     query = tmp_path / "query.png"
