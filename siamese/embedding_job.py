@@ -80,7 +80,8 @@ def embed_to_store(
     "ray" on Ray Data, joining the cluster at `ray_address` or $RAY_ADDRESS, else starting a local Ray (shut down
     after), with `actors` (default 2) model actors, a GPU each where the cluster has GPUs. Batches hold
     `batch_size` images (default 64), parts `part_rows` rows (default 8192). An existing store of the same model
-    is updated: only images whose SHA-256 it lacks are embedded; one of another model is refused unless `replace`.
+    is updated: only images whose SHA-256 it lacks are embedded; one of another model, or that does not read back
+    whole, is refused; `replace` embeds every image again whatever the store holds.
     Bad images fail the run listing them, or with `on_bad_image="skip"` are left out with a warning naming them.
     `labeled_data` (the catalog's file) is recorded in the manifest.
     """
@@ -102,6 +103,7 @@ def embed_to_store(
             known = {sha: row for row, sha in enumerate(old.rows().column("sha256").to_pylist())}
         todo = np.array([i for i, sha in enumerate(hashes) if sha is None or sha not in known], np.int64)
         if old is not None and not len(todo) and _unchanged(old, catalog, hashes):
+            old.verify()  # what an update would have found reading it
             return EmbedResult(os.fspath(store), 0, len(old), 0, 0, len(old), runner)
         with tempfile.TemporaryFile(dir=_scratch(store)) as scratch:
             vectors = np.memmap(scratch, np.float32, "w+", shape=(len(catalog.filenames), embedder.info.embedding_dim))
@@ -137,19 +139,12 @@ def embed_to_store(
 
 def _previous(store: str | os.PathLike, embedder: Embedder, replace: bool) -> EmbeddingStore | None:
     """The store at `store` to update, None to embed everything (none there, or `replace`); another model's, or one
-    that cannot be read, is refused without `replace`."""
-    if not store_exists(store):
+    that cannot be read, is refused."""
+    if replace or not store_exists(store):
         return None
-    try:
-        old = EmbeddingStore.open(store)
-    except SiameseError:
-        if replace:
-            return None
-        raise
+    old = EmbeddingStore.open(store)
     want, have = embedder.info, old.model
     if (have.get("fingerprint"), have.get("embedding_dim")) != (want.fingerprint, want.embedding_dim):
-        if replace:
-            return None
         raise SiameseError(
             f"{store} was embedded by a different model ({have.get('source')}, {have.get('embedding_dim')}-d, "
             f"fingerprint {str(have.get('fingerprint'))[:12]}). Received: {want.source}, {want.embedding_dim}-d, "

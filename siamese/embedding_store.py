@@ -211,6 +211,16 @@ class EmbeddingStore:
                   for p in self.parts]
         return pa.concat_tables(tables) if tables else _schema(self.dim).empty_table().drop_columns(["embedding"])
 
+    def verify(self) -> None:
+        """Check every part's SHA-256 against the manifest, a part at a time (what `batches` checks as it reads)."""
+        for part in self.parts:
+            digest = hashlib.sha256()
+            with self.filesystem.open_input_stream(f"{self._root}/{part['name']}") as f:
+                for block in iter(lambda f=f: f.read(1 << 24), b""):
+                    digest.update(block)
+            if digest.hexdigest() != part["sha256"]:
+                raise self._refuse(f"part {part['name']} was modified after the store was written (SHA-256 mismatch)")
+
     def batches(self, n: int = PART_ROWS) -> Iterator[tuple[pa.Table, np.ndarray]]:
         """`(metadata, embeddings)` blocks of at most `n` rows (default `PART_ROWS`) in row order: the columns of
         `rows` and float32 `(rows, dim)`. One part is read at a time and checked against the manifest (size,

@@ -21,7 +21,7 @@ from siamese.cli.common import Parser, translate
 from siamese.config import BACKENDS
 from siamese.errors import SiameseError, os_error_message
 
-COMMANDS = ("validate", "train", "export", "index", "merge_index", "query", "serve", "similarity", "evaluate",
+COMMANDS = ("validate", "train", "export", "embed", "index", "merge_index", "query", "serve", "similarity", "evaluate",
             "make_dataset", "demo")
 """The command modules of `siamese.cli`, in the order of the job (and of --help)."""
 

@@ -58,25 +58,27 @@ _PARAMETER = re.compile(r"`([a-z_][a-z0-9_]*)(?:=([^`]*))?`")
 
 
 def translate(message: str, parser: argparse.ArgumentParser) -> str:
-    """A library message in the command line's words: `` `leaf_size` `` becomes --leaf-size and
-    `` `weights='none'` `` becomes --weights none, for the parameters `parser` has a flag for."""
+    """A library message in the command line's words: `` `leaf_size` `` becomes --leaf-size,
+    `` `weights='none'` `` becomes --weights none and `` `replace=True` `` --replace, for the parameters `parser`
+    has a flag for."""
     table = flags(parser)
 
     def flag(match: re.Match) -> str:
         name, value = match.groups()
         if name not in table:
             return match[0]
-        return table[name] if value is None else f"{table[name]} {value.strip(chr(39) + chr(34))}"
+        return table[name] if value in (None, "True") else f"{table[name]} {value.strip(chr(39) + chr(34))}"
 
     return _PARAMETER.sub(flag, message)
 
 
-def add_catalog_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """The catalog group: --labeled-data, --image-dir, --on-bad-image, --no-progress."""
+def add_catalog_args(p: argparse.ArgumentParser, required: bool = True) -> argparse._ArgumentGroup:
+    """The catalog group: --labeled-data, --image-dir (`required`, default True), --on-bad-image, --no-progress."""
     g = p.add_argument_group("catalog")
-    g.add_argument("--labeled-data", required=True, metavar="F",
+    g.add_argument("--labeled-data", required=required, metavar="F",
                    help="labeled JSON catalog: {item_id: {images: [{filename}], labels: [...]}}")
-    g.add_argument("--image-dir", required=True, metavar="D", help="folder the catalog's filenames are relative to")
+    g.add_argument("--image-dir", required=required, metavar="D",
+                   help="folder the catalog's filenames are relative to")
     g.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
                    help="images that cannot be decoded: fail listing them all (default), or skip them")
     g.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)

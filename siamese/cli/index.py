@@ -27,14 +27,21 @@ def register(commands) -> argparse.ArgumentParser:
         "index with each row's item id, filename and labels: embeddings as .npy, metadata as JSON, never a "
         "pickle. Without --keras-model, a pretrained ImageNet backbone embeds the images. Approximate engines (hnsw, "
         "faiss IVF) measure their recall@10 on held-out images and pick the query-time --ef (--nprobe) that reaches "
-        "--target-recall. --shard I/N embeds one slice of the catalog, for several machines; merge-index joins them.",
+        "--target-recall. --embeddings STORE... builds the index from embedding stores written by `embed` instead, "
+        "with no model and no images. --shard I/N (deprecated) embeds one slice of the catalog, for several "
+        "machines; merge-index joins them: use `embed --runner ray` and `index --embeddings` instead.",
     )
-    g = add_catalog_args(p)
+    g = p.add_argument_group("embeddings")
+    g.add_argument("--embeddings", nargs="+", metavar="STORE",
+                   help="build the index from these embedding stores (written by `embed`), in order, instead of a "
+                   "catalog: no model, no images; they must be of one model, which the index records for queries")
+    g = add_catalog_args(p, required=False)
     g.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     g.add_argument("--shard", type=shard, metavar="I/N",
-                   help="embed only shard I of N, counted from 1 (1/4 ... 4/4): a contiguous run of whole batches of "
-                   "the catalog's images, saved as a part in --output; join the parts with merge-index. A part "
-                   "already in --output (same model, catalog, shard and --engine) is skipped, not redone")
+                   help="deprecated: use `embed --runner ray` and `index --embeddings STORE`. Embed only shard I of "
+                   "N, counted from 1 (1/4 ... 4/4): a contiguous run of whole batches of the catalog's images, saved "
+                   "as a part in --output; join the parts with merge-index. A part already in --output (same model, "
+                   "catalog, shard and --engine) is skipped, not redone")
     add_model_args(p)
     add_engine_args(p)
     g = p.add_argument_group("output")
@@ -49,8 +56,32 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise SiameseError(f"Expected `batch_size` >= 1. Received: {args.batch_size}")
+    catalog = [flag for flag, value in (("labeled_data", args.labeled_data), ("image_dir", args.image_dir)) if value]
+    if args.embeddings:
+        given = catalog + [name for name in ("keras_model", "shard") if getattr(args, name)]
+        if given:
+            raise SiameseError(f"Expected `embeddings` alone, or a catalog (`labeled_data` and `image_dir`). Received: "
+                               f"`embeddings` with {' and '.join(f'`{n}`' for n in given)}. Fix: the stores hold the "
+                               "embeddings and record their model: leave out the catalog and the model.")
+    elif len(catalog) < 2:
+        raise SiameseError("Expected a catalog (`labeled_data` and `image_dir`) or `embeddings`. Received: "
+                           f"{' '.join(f'`{n}`' for n in catalog) or 'neither'} alone. Fix: pass both, or build "
+                           "from embedding stores.")
     with claim_output(args.output):
-        return _claimed(args)
+        return _from_stores(args) if args.embeddings else _claimed(args)
+
+
+def _from_stores(args: argparse.Namespace) -> int:
+    from siamese.embedding_store import index_stores
+    from siamese.search import ENGINES
+
+    engine = ENGINES[args.engine].from_settings(engine_settings(args))
+    index = index_stores(args.embeddings, engine)
+    out = index.save(args.output)
+    print_index(index, f"Indexed {plural(len(index), 'image')} of {plural(len(args.embeddings), 'embedding store')}",
+                out)
+    print(f"Next: python utilities.py query --index {out} IMAGE...")
+    return 0
 
 
 def _claimed(args: argparse.Namespace) -> int:

@@ -13,10 +13,11 @@ TENSORFLOW = False
 
 def register(commands) -> argparse.ArgumentParser:
     p = commands.add_parser(
-        NAME, help="join the shard parts written by `index --shard I/N` into one index",
-        description="Join the parts written by `index --shard I/N` (one per shard, any order) into one index, "
-        "identical in embeddings and rows to indexing the catalog at once, and build its search engine. Refuses "
-        "parts of different models or catalogs and missing or repeated shards.",
+        NAME, help="deprecated: join the shard parts written by `index --shard I/N` into one index",
+        description="Deprecated: across machines, embed with `embed --runner ray` into an embedding store and build "
+        "the index with `index --embeddings STORE...`. Join the parts written by `index --shard I/N` (one per "
+        "shard, any order) into one index, identical in embeddings and rows to indexing the catalog at once, and "
+        "build its search engine. Refuses parts of different models or catalogs and missing or repeated shards.",
     )
     p.add_argument("parts", nargs="+", metavar="PART", help="part folders written by `index --shard I/N`")
     add_engine_args(p, inherit=True)
