@@ -146,18 +146,20 @@ def train_digits(work: Path, epochs: int, on_gpu: bool) -> dict[str, Any]:
 
 
 def synthetic_batch(batch: int, image_size: int, seed: int = 0) -> tuple[Any, Any]:
-    """Random uint8 images of batch // 4 items x 4 images, and the batch-all `y_true` of `siamese.losses`:
-    column 0 each image's position in the batch, then its relations (`PairSampler.relations`: 1 another image of
-    its item, 0 an image of another item, -1 itself), both on the default device."""
+    """Random uint8 images of batch // 4 items x 4 images, and the P x K batch's `y_true`
+    (`siamese.losses.targets.pack_relations` of its relations: 1 another image of its item, 0 an image of
+    another item, -1 itself), both on the default device."""
     import jax
     import numpy as np
+
+    from siamese.losses.targets import pack_relations
 
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
     items = np.arange(batch) // IMAGES_PER_ITEM
     relation = (items[:, None] == items[None, :]).astype(np.float32)
     np.fill_diagonal(relation, -1.0)
-    y = np.concatenate([np.arange(batch, dtype=np.float32)[:, None], relation], axis=1)
+    y = pack_relations(np.arange(batch), relation)
     return jax.device_put(images), jax.device_put(y)
 
 

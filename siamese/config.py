@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -17,8 +18,6 @@ BACKENDS = ("tensorflow", "jax")
 """The Keras backends `train` runs on; every other command runs on TensorFlow, which loads checkpoints of both."""
 CACHES = ("none", "memory", "disk")
 CHECKPOINT_SUFFIXES = (".keras", ".h5", ".hdf5")
-LOSSES = ("contrastive", "triplet", "supcon")
-"""contrastive (the seed's), triplet, and supervised contrastive (supcon, batch-all only)."""
 PRETRAINED_BACKBONE = "inception_v3"
 """The embedder without `--keras-model`: Google's Inception v3 with ImageNet weights, as both seeds used."""
 
@@ -46,6 +45,26 @@ BACKBONES = {
 }
 
 
+@dataclass(frozen=True)
+class Setting:
+    """A setting of a plugin (an engine's build setting, a loss's), a keyword argument of its class shown as a
+    command-line flag.
+
+    `flag` defaults to `--name` with dashes; `default_text` (for help) to "default <default>"."""
+
+    name: str
+    type: type
+    default: object
+    help: str
+    flag: str | None = None
+    metavar: str | None = None
+    default_text: str | None = None
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or f"--{self.name.replace('_', '-')}"
+
+
 def get_backbone(name: str) -> Backbone:
     """The `Backbone` called `name`; raises with the list of names otherwise."""
     if name not in BACKBONES:
@@ -57,8 +76,6 @@ def get_backbone(name: str) -> Backbone:
 class TrainConfig:
     """Every setting of a training run; written as JSON beside the checkpoint it produces."""
 
-    MININGS: ClassVar[tuple[str, ...]] = ("batch-all", "pairs")
-    """`mining`: the loss over every pair (triplet) of P x K batches of images, or over drawn pairs (triplets)."""
     MONITORS: ClassVar[tuple[str, ...]] = ("val_map_at_r", "val_precision_at_1", "val_loss")
     """`monitor`: what picks the best epoch; the retrieval figures are of the held-out items, and the untrained
     network (epoch 0) is a candidate too, so training never hands back a model worse than its start."""
@@ -70,8 +87,8 @@ class TrainConfig:
     out: str = "checkpoints/siamese.keras"
     val_labeled_data: str | None = None  # a separate validation catalog instead of `val_fraction`
     epochs: int = 10
-    batch_size: int = 64  # pairs (triplets) per batch; images per batch with mining="batch-all"
-    images_per_epoch: int = 8192  # images per epoch with mining="batch-all"; pairs (triplets) with "pairs"
+    batch_size: int = 64  # images per batch with batches="pk"; pairs (triplets) with "pairs"
+    images_per_epoch: int = 8192  # images per epoch with batches="pk"; pairs (triplets) with "pairs"
     val_pairs: int = 1024
     val_images: int = 2000  # held-out images used for precision@1 (a seeded sample when there are more)
     backbone: str = "small_cnn"
@@ -79,11 +96,13 @@ class TrainConfig:
     image_size: int | None = None  # the backbone's default
     embedding_dim: int = 128
     trainable_layers: int | None = None  # None: train all; 0: freeze the backbone; N: its top N layers
-    loss: str | None = None  # supcon with mining="batch-all", contrastive (the seed's) with mining="pairs"
-    mining: str = "batch-all"  # see MININGS
-    images_per_item: int = 4  # K of a P x K batch with mining="batch-all"
+    loss: str | None = None  # a name of siamese.losses.LOSSES; None: supcon with batches="pk", contrastive with "pairs"
+    batches: str = "pk"  # see siamese.losses.BATCHES: P x K batches of images, or drawn pairs (triplets)
+    images_per_item: int = 4  # K of a P x K batch with batches="pk"
     margin: float = 1.0  # contrastive and triplet
     temperature: float = 0.1  # supcon
+    loss_settings: dict = dataclasses.field(default_factory=dict)  # settings of a registered loss not named above
+    mining: str | None = None  # deprecated: `batches` ("batch-all" is "pk")
     augment: bool = False  # random rotation, shift, zoom and contrast of training images (siamese.augment)
     flip: bool = False  # random horizontal flips too, with augment
     views: int = 2  # augmented views of each training image, positives of each other (needs augment)
@@ -106,19 +125,23 @@ class TrainConfig:
             raise SiameseError(
                 f"Expected `out` to end in {', '.join(CHECKPOINT_SUFFIXES)}. Received: {self.out}"
             )
-        if self.mining not in self.MININGS:
-            raise SiameseError(f"Expected `mining` to be one of {', '.join(self.MININGS)}. Received: {self.mining!r}")
-        loss = self.loss or ("supcon" if self.mining == "batch-all" else "contrastive")
-        if loss not in LOSSES:
-            raise SiameseError(f"Expected `loss` to be one of {', '.join(LOSSES)}. Received: {self.loss!r}")
-        if loss == "supcon" and self.mining != "batch-all":
-            raise SiameseError(f"Expected `mining='batch-all'` with `loss='supcon'`. Received: {self.mining!r}")
+        from siamese.loss_registry import BATCHES, DEFAULT_LOSS, get_loss
+
+        batches = self.batches
+        if self.mining is not None:
+            warnings.warn("`mining` is deprecated: pass `batches` ('pk' for 'batch-all', or 'pairs')",
+                          DeprecationWarning, stacklevel=2)
+            batches = {"batch-all": "pk"}.get(self.mining, self.mining)
+        if batches not in BATCHES:
+            raise SiameseError(f"Expected `batches` to be one of {', '.join(BATCHES)}. Received: {batches!r}")
+        loss = self.loss or DEFAULT_LOSS[batches]
+        get_loss(loss).check(batches)
         if self.monitor not in self.MONITORS:
             raise SiameseError(f"Expected `monitor` to be one of {', '.join(self.MONITORS)}. "
                                f"Received: {self.monitor!r}")
         if self.temperature <= 0:
             raise SiameseError(f"Expected `temperature` > 0. Received: {self.temperature}")
-        views = self.views if self.augment and self.mining == "batch-all" else 1
+        views = self.views if self.augment and batches == "pk" else 1
         if self.views < 1:
             raise SiameseError(f"Expected `views` >= 1. Received: {self.views}")
         if self.image_size is not None and self.image_size < 8:
@@ -126,8 +149,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "val_images"):
             if getattr(self, name) < 1:
                 raise SiameseError(f"Expected `{name}` >= 1. Received: {getattr(self, name)}")
-        if self.mining == "batch-all" and (self.images_per_item < 2 or self.batch_size < self.images_per_item):
-            raise SiameseError(f"Expected 2 <= `images_per_item` <= `batch_size` with `mining='batch-all'`. Received: "
+        if batches == "pk" and (self.images_per_item < 2 or self.batch_size < self.images_per_item):
+            raise SiameseError(f"Expected 2 <= `images_per_item` <= `batch_size` with `batches='pk'`. Received: "
                                f"{self.images_per_item} and {self.batch_size}")
         learning_rate = self.learning_rate
         if learning_rate is None:
@@ -155,7 +178,8 @@ class TrainConfig:
             weights = "none" if spec.application is None else "imagenet"
         tensorboard = self.tensorboard or str(out.with_name(f"{out.stem}.logs"))
         return dataclasses.replace(self, weights=weights, image_size=self.image_size or spec.image_size,
-                                   learning_rate=learning_rate, views=views, loss=loss, tensorboard=tensorboard)
+                                   learning_rate=learning_rate, views=views, loss=loss, tensorboard=tensorboard,
+                                   batches=batches, mining=None)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -30,7 +30,7 @@ class DemoConfig:
     source: str = "auto"  # fashion-mnist, digits, or auto: Fashion-MNIST if it can be had, else digits
     images: int = 10_000  # Fashion-MNIST images used of each split, training and test (digits has 1,437 + 360)
     epochs: int = 6
-    images_per_epoch: int = 32_768  # images drawn each epoch (batch-all mining)
+    images_per_epoch: int = 32_768  # images drawn each epoch (P x K batches)
     batch_size: int = 128
     queries: int = 6  # test images queried, one per item
     similarity_images: int = 8

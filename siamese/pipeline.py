@@ -28,6 +28,7 @@ from siamese.catalog import Catalog
 from siamese.config import CACHES
 from siamese.errors import SiameseError
 from siamese.images import decode_image, decode_images, exit_with_parent, file_stamp, naming
+from siamese.losses.targets import pack_relations
 from siamese.pairs import PairSampler
 from siamese.util import cache_dir, parallel_map, usable_cpus
 
@@ -238,10 +239,9 @@ class PairBatches(TrainingBatches):
 class ItemBatches(TrainingBatches):
     """Batches `(images, relations)` for batch-all training: epoch `e` holds the
     `steps_per_epoch(images_per_epoch, batch_size)` batches of `sampler.batches(e, ...)`, `batch_size` uint8
-    images, `images_per_item` of each item drawn. `relations` is float32 `(batch_size, 1 + batch_size)`, what
-    `losses.batch_contrastive_loss` takes: each image's position in the batch, then `sampler.relations` of the
-    batch (1 same item, 0 negative pair, -1 no pair). A shard keeps its rows of both (positions and relations
-    stay those of the whole batch). See `TrainingBatches` for the rest."""
+    images, `images_per_item` of each item drawn. `relations` is the float32 `(batch_size, 1 + batch_size)`
+    `y_true` of a loss over P x K batches (`siamese.losses.targets.pack_relations`). A shard keeps its rows of it
+    (positions and relations stay those of the whole batch). See `TrainingBatches` for the rest."""
 
     def __init__(self, sampler: PairSampler, image_size: int, *, batch_size: int = 32, images_per_item: int = 4,
                  images_per_epoch: int = 1024, **kwargs):
@@ -255,9 +255,8 @@ class ItemBatches(TrainingBatches):
 
     def batch(self, drawn: np.ndarray, step: int):
         indices = drawn[step]
-        position = np.arange(self.lo, self.hi, dtype=np.float32)[:, None]
         relations = self.sampler.relations(indices)[self.lo : self.hi]
-        return self.load(indices[self.lo : self.hi]), np.hstack([position, relations])
+        return self.load(indices[self.lo : self.hi]), pack_relations(np.arange(self.lo, self.hi), relations)
 
     @property
     def element_spec(self) -> tuple[Spec, Spec]:

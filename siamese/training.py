@@ -32,7 +32,7 @@ from siamese.config import BACKENDS, TrainConfig
 from siamese.distribute import Placement, placement, worker_path
 from siamese.errors import SiameseError
 from siamese.images import check_images
-from siamese.losses import BatchContrastiveLoss, BatchSupConLoss, BatchTripletLoss, ContrastiveLoss, TripletLoss
+from siamese.loss_registry import get_loss
 from siamese.models import build_batch_all, build_embedding, build_siamese, build_triplet
 from siamese.pairs import PairSampler
 from siamese.pipeline import ItemBatches, PairBatches, decoded_images, steps_per_epoch
@@ -86,34 +86,37 @@ def _sample_images(catalog: Catalog, limit: int, seed: int) -> np.ndarray:
 
 def _stream(config: TrainConfig, devices: Placement, sampler: PairSampler, per_epoch: int, *, start_epoch: int = 0,
             cache: str = "memory", images: np.ndarray | None = None, steps: int | None = None):
-    """The endless training input of `config.mining` and `config.loss` (pairs, triplets or P x K batches), for
-    `devices`; with `steps`, the first `steps` batches over and over."""
+    """The endless training input of `config.batches` and `config.loss` (P x K batches, or the pairs or triplets
+    the loss draws), for `devices`; with `steps`, the first `steps` batches over and over."""
 
     def share(shard: tuple[int, int]):
         common = {"batch_size": config.batch_size, "start_epoch": start_epoch, "cache": cache, "images": images,
                   "shard": shard, "repeat": steps}
-        if config.mining == "batch-all":
+        if config.batches == "pk":
             return ItemBatches(sampler, config.image_size, images_per_item=config.images_per_item,
                                images_per_epoch=per_epoch, **common)
-        return PairBatches(sampler, config.image_size, pairs_per_epoch=per_epoch, triplets=config.loss == "triplet",
+        return PairBatches(sampler, config.image_size, pairs_per_epoch=per_epoch, triplets=_triplets(config),
                            **common)
 
     return devices.batches(config.batch_size, share)
 
 
+def _triplets(config: TrainConfig) -> bool:
+    """Whether `config` trains on drawn triplets (`batches='pairs'` with a loss over triplets)."""
+    return config.batches == "pairs" and get_loss(config.loss).drawn == "triplets"
+
+
 def _training_model(config: TrainConfig, embedding: keras.Model) -> tuple[keras.Model, keras.losses.Loss]:
     """The model `fit` trains around `embedding` (which alone is saved), with the augmentation of training
-    images, and its loss."""
+    images, and its loss (`siamese.losses.LOSSES[config.loss]` for `config.batches`, with its settings)."""
     augment = augmentation(config.flip, config.seed) if config.augment else None
-    if config.mining == "batch-all":
-        if config.loss == "supcon":
-            loss = BatchSupConLoss(config.temperature)
-        else:
-            loss = BatchTripletLoss(config.margin) if config.loss == "triplet" else BatchContrastiveLoss(config.margin)
+    settings = {**config.loss_settings, "margin": config.margin, "temperature": config.temperature}
+    loss = get_loss(config.loss).make(config.batches, settings)
+    if config.batches == "pk":
         return build_batch_all(embedding, augment, config.views), loss
-    if config.loss == "triplet":
-        return build_triplet(embedding, augment), TripletLoss(config.margin)
-    return build_siamese(embedding, augment), ContrastiveLoss(config.margin)
+    if _triplets(config):
+        return build_triplet(embedding, augment), loss
+    return build_siamese(embedding, augment), loss
 
 
 def _learning_rate(config: TrainConfig, steps: int):
@@ -146,7 +149,7 @@ def _validation(config: TrainConfig, devices: Placement, val_catalog: Catalog, e
                                initial=start_epoch == 0)
     try:
         sampler = PairSampler(val_catalog, seed=config.seed)
-        if config.loss == "triplet":
+        if _triplets(config):
             sampler.triplets(0, 2)
     except SiameseError:
         return [metrics], None, None
@@ -225,7 +228,7 @@ def _train(config: TrainConfig, verbose: int | str, devices: Placement, out: Pat
         train_images = decoded_images(train_catalog, size, cache, progress=progress) if cache != "none" else None
         backup = AtomicBackupAndRestore(str(backup_dir))
         start_epoch = backup.saved_epoch()
-        if config.loss == "triplet":
+        if get_loss(config.loss).drawn == "triplets":
             sampler.triplets(0, 2)  # a catalog that cannot give triplets fails here, not inside fit
         stream = _stream(config, devices, sampler, config.images_per_epoch, start_epoch=start_epoch, cache=cache,
                          images=train_images)

@@ -111,6 +111,8 @@ def test_validate_does_not_promise_what_train_refuses(tmp_path, run_cli):
 @pytest.mark.parametrize(("argv", "dest", "value"), [
     (["train", "--labeled-data", "c.json", "--image-dir", "d", "--out", "m.keras"], "out", "m.keras"),
     (["train", "--labeled-data", "c.json", "--image-dir", "d", "--pairs-per-epoch", "100"], "images_per_epoch", 100),
+    (["train", "--labeled-data", "c.json", "--image-dir", "d", "--mining", "batch-all"], "batches", "pk"),
+    (["train", "--labeled-data", "c.json", "--image-dir", "d", "--mining", "pairs"], "batches", "pairs"),
     (["similarity", "--image-dir", "d", "--out", "sims"], "out", "sims"),
     (["similarity", "--image-dir", "d", "--output", "sims", "--top-k", "3"], "top_k", 3),
     (["index", "--labeled-data", "c.json", "--image-dir", "d", "--index", "hnsw"], "engine", "hnsw"),
@@ -120,7 +122,8 @@ def test_validate_does_not_promise_what_train_refuses(tmp_path, run_cli):
 ])
 def test_old_spellings_still_work_with_a_deprecation_note(capsys, argv, dest, value):
     parser = build_parser()
-    new = {"--out": "--output", "--pairs-per-epoch": "--images-per-epoch", "--top-k": "--k", "--index": "--engine"}
+    new = {"--out": "--output", "--pairs-per-epoch": "--images-per-epoch", "--top-k": "--k", "--index": "--engine",
+           "--mining": "--batches"}
     old = [a for a in argv if a in new]
     assert getattr(parser.parse_args(argv), dest) == value
     assert capsys.readouterr().err == "".join(f"utilities.py {argv[0]}: warning: {o} is deprecated; use {new[o]}\n"

@@ -30,11 +30,11 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def train_command(digits, out, mining: str) -> list[str]:
+def train_command(digits, out, batches: str) -> list[str]:
     return [sys.executable, "utilities.py", "train", "--labeled-data", str(digits / "train.json"),
             "--image-dir", str(digits), "--output", str(out), "--epochs", "3", "--image-size", "16",
             "--batch-size", "32", "--images-per-epoch", "32", "--val-pairs", "128", "--embedding-dim", "16",
-            "--mining", mining, "--learning-rate", "0.001", "--no-progress"]
+            "--batches", batches, "--learning-rate", "0.001", "--no-progress"]
 
 
 def environment(cache_dir, tf_config: dict | None = None) -> dict:
@@ -45,12 +45,12 @@ def environment(cache_dir, tf_config: dict | None = None) -> dict:
     return env
 
 
-@pytest.mark.parametrize("mining", ["batch-all", "pairs"])
-def test_two_workers_agree_and_train_like_one_worker_with_the_same_global_batch(digits, tmp_path, cache_dir, mining):
+@pytest.mark.parametrize("batches", ["pk", "pairs"])
+def test_two_workers_agree_and_train_like_one_worker_with_the_same_global_batch(digits, tmp_path, cache_dir, batches):
     workers = [f"localhost:{port}" for port in free_ports(2)]
     multi = tmp_path / "multi.keras"
     processes = [
-        subprocess.Popen(train_command(digits, multi, mining), cwd=ROOT, stdout=subprocess.DEVNULL,
+        subprocess.Popen(train_command(digits, multi, batches), cwd=ROOT, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True,
                          env=environment(cache_dir, {"cluster": {"worker": workers},
                                                      "task": {"type": "worker", "index": i}}))
@@ -60,7 +60,7 @@ def test_two_workers_agree_and_train_like_one_worker_with_the_same_global_batch(
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr[-3000:]
     single = tmp_path / "single.keras"
-    alone = subprocess.run(train_command(digits, single, mining), cwd=ROOT, capture_output=True, text=True,
+    alone = subprocess.run(train_command(digits, single, batches), cwd=ROOT, capture_output=True, text=True,
                            env=environment(cache_dir))
     assert alone.returncode == 0, alone.stderr[-3000:]
 
@@ -89,7 +89,7 @@ def test_two_workers_agree_and_train_like_one_worker_with_the_same_global_batch(
 def test_a_bad_tf_config_is_one_line_naming_the_fix(digits, tmp_path, cache_dir, tf_config, message):
     env = {**environment(cache_dir), "TF_CONFIG": tf_config}
     del env["TF_CPP_MIN_LOG_LEVEL"]  # as a user runs it: the CLI silences TensorFlow's start-up itself
-    result = subprocess.run(train_command(digits, tmp_path / "m.keras", "batch-all"), cwd=ROOT, capture_output=True,
+    result = subprocess.run(train_command(digits, tmp_path / "m.keras", "pk"), cwd=ROOT, capture_output=True,
                             text=True, env=env)
     assert result.returncode == 2
     assert message in result.stderr and "Fix: set TF_CONFIG" in result.stderr

@@ -181,7 +181,7 @@ def test_training_runs_the_image_check_first(tmp_path):
     ("change", "message"),
     [({"out": "model.pt"}, r"Expected `out` to end in .keras, .h5, .hdf5. Received: model.pt"),
      ({"loss": "hinge"}, r"Expected `loss` to be one of contrastive, triplet, supcon. Received: 'hinge'"),
-     ({"loss": "supcon", "mining": "pairs"}, r"Expected `mining='batch-all'` with `loss='supcon'`. Received: 'pairs'"),
+     ({"loss": "supcon", "batches": "pairs"}, r"Expected `batches` to be 'pk' with `loss='supcon'`. Received: 'pairs'"),
      ({"monitor": "loss"}, r"Expected `monitor` to be one of val_map_at_r, val_precision_at_1, val_loss. "
                            r"Received: 'loss'"),
      ({"temperature": 0.0}, r"Expected `temperature` > 0. Received: 0.0"),
@@ -191,8 +191,8 @@ def test_training_runs_the_image_check_first(tmp_path):
      ({"epochs": 0}, r"Expected `epochs` >= 1. Received: 0"),
      ({"margin": -1.0}, r"Expected `margin` and `learning_rate` > 0"),
      ({"cache": "gpu"}, r"Expected `cache` to be auto, none, memory, disk. Received: 'gpu'"),
-     ({"mining": "hard"}, r"Expected `mining` to be one of batch-all, pairs. Received: 'hard'"),
-     ({"images_per_item": 1}, r"Expected 2 <= `images_per_item` <= `batch_size` with `mining='batch-all'`. "
+     ({"batches": "hard"}, r"Expected `batches` to be one of pk, pairs. Received: 'hard'"),
+     ({"images_per_item": 1}, r"Expected 2 <= `images_per_item` <= `batch_size` with `batches='pk'`. "
                               r"Received: 1 and 64"),
      ({"lr_schedule": "step"}, r"Expected `lr_schedule` to be one of constant, cosine. Received: 'step'"),
      ({"weight_decay": -0.1}, r"Expected `weight_decay` >= 0. Received: -0.1")],
@@ -219,9 +219,9 @@ def test_cli_train_error_is_one_line(tmp_path):
         "utilities.py: error: Expected --output to end in .keras, .h5, .hdf5. Received: model.pt"]
 
 
-@pytest.mark.parametrize("mining", ["batch-all", "pairs"])
-def test_triplet_loss_trains_behind_the_same_flag(digits, tmp_path, mining):
-    result = train(digits_config(digits, tmp_path / "triplet.keras", epochs=2, loss="triplet", mining=mining),
+@pytest.mark.parametrize("batches", ["pk", "pairs"])
+def test_triplet_loss_trains_behind_the_same_flag(digits, tmp_path, batches):
+    result = train(digits_config(digits, tmp_path / "triplet.keras", epochs=2, loss="triplet", batches=batches),
                    verbose=0)
     assert [h["epoch"] for h in result.history] == [0, 1, 2]
     assert result.history[-1]["loss"] < result.history[1]["loss"]
@@ -246,10 +246,11 @@ def test_weight_decay_shrinks_the_weights_by_the_decoupled_rule(digits, tmp_path
 
 
 def test_drawn_pairs_train_too(digits, tmp_path):
-    config = digits_config(digits, tmp_path / "pairs.keras", epochs=2, mining="pairs", lr_schedule="constant")
+    config = digits_config(digits, tmp_path / "pairs.keras", epochs=2, batches="pairs", lr_schedule="constant")
     result = train(config, verbose=0)
     assert result.history[-1]["loss"] < result.history[1]["loss"]
-    assert json.loads(sidecar(result.checkpoint, "config").read_text())["mining"] == "pairs"
+    settings = json.loads(sidecar(result.checkpoint, "config").read_text())
+    assert (settings["batches"], settings["loss"], settings["mining"]) == ("pairs", "contrastive", None)
 
 
 def test_a_run_that_wrecks_training_keeps_the_untrained_weights(digits, tmp_path):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from siamese.cli.common import add_catalog_args, deprecated
-from siamese.config import BACKBONES, BACKENDS, CACHES, LOSSES, TrainConfig
+from siamese.config import BACKBONES, BACKENDS, CACHES, TrainConfig
+from siamese.loss_registry import BATCHES, DEFAULT_LOSS, LOSSES
 
 NAME = "train"
 TENSORFLOW = True
@@ -15,7 +16,7 @@ def register(commands) -> argparse.ArgumentParser:
     p = commands.add_parser(
         NAME, help="train a siamese embedding network on a labeled catalog",
         description="Train an embedding network with a contrastive loss over every pair of images in batches of a "
-        "few images of each of several items, drawn fresh every epoch (--mining pairs: over pairs drawn one by "
+        "few images of each of several items, drawn fresh every epoch (--batches pairs: over pairs drawn one by "
         "one), with --augment each image augmented in training only. Runs the checks of validate first, scores the "
         "held-out items before training and after every epoch, keeps the best model by --monitor at --output (the "
         "untrained network when no epoch beats it, with a warning; .config.json, .manifest.json and .history.json "
@@ -54,25 +55,32 @@ def register(commands) -> argparse.ArgumentParser:
     g = p.add_argument_group("batches and loss")
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
     g.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help=f"images per batch with --mining batch-all, pairs (triplets) with --mining pairs "
+                   help=f"images per batch with --batches pk, pairs (triplets) with --batches pairs "
                    f"(default {d.batch_size})")
     action = g.add_argument("--images-per-epoch", type=int, default=d.images_per_epoch, metavar="N",
-                            help=f"images drawn each epoch with --mining batch-all; fresh pairs (triplets), half "
-                            f"positive, with --mining pairs (default {d.images_per_epoch})")
+                            help=f"images drawn each epoch with --batches pk; fresh pairs (triplets), half "
+                            f"positive, with --batches pairs (default {d.images_per_epoch})")
     deprecated(p, action, "--pairs-per-epoch")
-    g.add_argument("--mining", default=d.mining, choices=TrainConfig.MININGS,
-                   help=f"batch-all: batches of P items x --images-per-item images and the loss over every pair "
-                   f"(triplet) in them; pairs: the loss over drawn pairs (triplets) (default {d.mining})")
+    action = g.add_argument("--batches", default=d.batches, choices=BATCHES, type=_batches,
+                            help=f"pk: batches of P items x --images-per-item images, the loss over every pair "
+                            f"(triplet) among them; pairs: the loss over drawn pairs (triplets) (default {d.batches})")
+    deprecated(p, action, "--mining")
     g.add_argument("--images-per-item", type=int, default=d.images_per_item, metavar="K",
-                   help=f"images of each item in a batch-all batch (default {d.images_per_item})")
-    g.add_argument("--loss", default=d.loss, choices=LOSSES,
-                   help="supcon, the supervised contrastive loss with a --temperature (batch-all only); contrastive "
-                   "(the seed's), with a --margin; or triplet on (anchor, positive, negative) triplets (default: "
-                   "supcon with --mining batch-all, contrastive with --mining pairs)")
-    g.add_argument("--margin", type=float, default=d.margin,
-                   help=f"contrastive and triplet margin (default {d.margin})")
-    g.add_argument("--temperature", type=float, default=d.temperature,
-                   help=f"supcon temperature (default {d.temperature})")
+                   help=f"K, the images of each item in a --batches pk batch (default {d.images_per_item})")
+    defaults = ", ".join(f"{loss} with --batches {batches}" for batches, loss in DEFAULT_LOSS.items())
+    losses = "; ".join(f"{name}: {spec.summary}" for name, spec in LOSSES.items())
+    g.add_argument("--loss", default=d.loss, choices=list(LOSSES), help=f"{losses} (default: {defaults})")
+    fields = TrainConfig.__dataclass_fields__
+    added = set()
+    for spec in LOSSES.values():
+        for setting in spec.settings:
+            name = setting.name
+            if name not in added:  # a setting of several losses (margin) is one flag
+                added.add(name)
+                default = fields[name].default if name in fields else setting.default
+                g.add_argument(setting.cli_flag, dest=name if name in fields else f"loss_{name}", type=setting.type,
+                               metavar=setting.metavar or name.upper(), default=default if name in fields else None,
+                               help=f"{setting.help} ({setting.default_text or f'default {default}'})")
     g.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
 
     g = p.add_argument_group("augmentation")
@@ -81,7 +89,7 @@ def register(commands) -> argparse.ArgumentParser:
                    f"{'on' if d.augment else 'off'})")
     g.add_argument("--flip", action="store_true", help="random horizontal flips too, with --augment (default off)")
     g.add_argument("--views", type=int, default=d.views,
-                   help=f"augmented views of each image in a batch-all batch, positives of each other (instance "
+                   help=f"augmented views of each image in a --batches pk batch, positives of each other (instance "
                    f"positives), with --augment (default {d.views})")
 
     g = p.add_argument_group("optimiser")
@@ -105,9 +113,15 @@ def register(commands) -> argparse.ArgumentParser:
     return p
 
 
+def _batches(text: str) -> str:
+    """`--batches`, with the old `--mining` value batch-all meaning pk."""
+    return {"batch-all": "pk"}.get(text, text)
+
+
 def run(args: argparse.Namespace) -> int:
     fields = set(TrainConfig.__dataclass_fields__)
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    settings = {k.removeprefix("loss_"): v for k, v in vars(args).items() if k.startswith("loss_") and v is not None}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}, loss_settings=settings)
     config.resolved()  # settings errors before any catalog is read
     from siamese.checkpoint import sidecar
     from siamese.training import train

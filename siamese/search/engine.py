@@ -9,33 +9,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
+from siamese.config import Setting
 from siamese.errors import SiameseError
 from siamese.search.kernel import squared_norms
-
-
-@dataclass(frozen=True)
-class Setting:
-    """A build setting of an engine, a keyword argument of its class shown as a command-line flag.
-
-    `flag` defaults to `--name` with dashes; `default_text` (for help) to "default <default>"."""
-
-    name: str
-    type: type
-    default: object
-    help: str
-    flag: str | None = None
-    metavar: str | None = None
-    default_text: str | None = None
-
-    @property
-    def cli_flag(self) -> str:
-        return self.flag or f"--{self.name.replace('_', '-')}"
 
 
 class Engine(ABC):
