@@ -38,7 +38,7 @@ def images_per_second(train_catalog, image_size: int, batch_size: int, cache: st
 
     from siamese.losses import BatchSupConLoss
     from siamese.models import build_embedding
-    from siamese.pairs import PairSampler
+    from siamese.pairs import PKSampler
     from siamese.pipeline import ItemBatches
 
     class Timer(keras.callbacks.Callback):
@@ -54,7 +54,7 @@ def images_per_second(train_catalog, image_size: int, batch_size: int, cache: st
     model = keras.Model(images, embedding(images))
     jax = keras.backend.backend() == "jax"
     model.compile(optimizer="adam", loss=BatchSupConLoss(), jit_compile=jax)  # as `train` compiles on the CPU
-    stream = ItemBatches(PairSampler(train_catalog), image_size, batch_size=batch_size,
+    stream = ItemBatches(PKSampler(train_catalog), image_size, batch_size=batch_size,
                          images_per_epoch=steps * batch_size, cache=cache)
     if not jax:
         from siamese.tfdata import tf_dataset

@@ -4,8 +4,9 @@ Label convention, used everywhere in siamese: **1 = same item** (a positive pair
 (a negative pair). Positive pairs are two different images of one item; negative pairs are images of two
 items that share no label. Items sharing any label are never a negative pair.
 
-For batch-all training (`PairSampler.batches`) a batch is a set of images, P items x K images each, and
-every two images of it are a pair; `PairSampler.relations` says which: 1 same item, 0 negative, -1 no pair.
+Two samplers, one job each: `PairSampler` draws pairs and triplets (`batches='pairs'`); `PKSampler` draws P x K
+batches, P items x K images each, every two images of which are a pair, and says which (`relations`: 1 same item,
+0 negative, -1 no pair) (`batches='pk'`). Both draw an epoch from their own generator of `(seed, epoch)`.
 """
 
 from __future__ import annotations
@@ -37,15 +38,10 @@ class Triplets(NamedTuple):
     negative: np.ndarray
 
 
-class PairSampler:
-    """Draw pairs of a catalog's images as a pure function of `(seed, epoch)`.
-
-    Each call of `pairs(epoch, n)` returns `n // 2` positive and `n - n // 2` negative pairs in shuffled
-    order; `triplets(epoch, n)` returns anchor/positive/negative triplets for the triplet loss;
-    `batches(epoch, n, size, per_item)` returns P x K batches of images for batch-all training. Items are
-    drawn uniformly (every item weighs the same, however many images it has), then images uniformly
-    within the item. A resumed run asking for the same epoch gets the same pairs.
-    """
+class ItemSampler:
+    """What both samplers know of a catalog: each item's images, which items can give a positive pair (two or
+    more images) and a negative one (an item sharing no label), refused when there is none of either; and the
+    generator of an epoch, a pure function of `(seed, epoch)`, so a resumed run draws what it drew before."""
 
     def __init__(self, catalog: Catalog, seed: int = 0):
         if not isinstance(seed, int | np.integer) or seed < 0:
@@ -96,6 +92,25 @@ class PairSampler:
             result[members] = len(self._related(members[0])) < n
         return result
 
+    def generator(self, epoch: int) -> np.random.Generator:
+        """The random generator of `epoch`: the same for the same seed and epoch."""
+        return np.random.default_rng([self.seed, int(epoch)])
+
+
+class PairSampler(ItemSampler):
+    """Draw pairs (and triplets) of a catalog's images as a pure function of `(seed, epoch)`.
+
+    Each call of `pairs(epoch, n)` returns `n // 2` positive and `n - n // 2` negative pairs in shuffled
+    order; `triplets(epoch, n)` returns anchor/positive/negative triplets for the triplet loss. Items are
+    drawn uniformly (every item weighs the same, however many images it has), then images uniformly
+    within the item.
+    """
+
+    def _rng(self, epoch: int, n: int, what: str) -> np.random.Generator:
+        if n < 2:
+            raise SiameseError(f"Expected at least 2 {what} per epoch. Received: {n}")
+        return self.generator(epoch)
+
     def _share_label(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         if self._labels.shape[1] == 0:
             return np.zeros(len(a), dtype=bool)
@@ -122,11 +137,6 @@ class PairSampler:
         for i in bad:  # rare partners: draw them from the explicit list of allowed items
             partners[i] = rng.choice(np.setdiff1d(np.arange(len(self._counts)), self._related(items[i])))
         return partners
-
-    def _rng(self, epoch: int, n: int, what: str) -> np.random.Generator:
-        if n < 2:
-            raise SiameseError(f"Expected at least 2 {what} per epoch. Received: {n}")
-        return np.random.default_rng([self.seed, int(epoch)])
 
     def pairs(self, epoch: int, n: int) -> Pairs:
         """The `n` pairs of `epoch`: half positive, half negative, shuffled; same arguments, same pairs."""
@@ -159,8 +169,14 @@ class PairSampler:
         negative = self._images(rng, self._negative_partners(rng, items))
         return Triplets(anchor.astype(np.int64), positive.astype(np.int64), negative.astype(np.int64))
 
+
+
+class PKSampler(ItemSampler):
+    """Draw P x K batches of a catalog's images (`batches`) as a pure function of `(seed, epoch)`, and the
+    relations among a batch's images (`relations`), for the losses over every pair of a batch."""
+
     def batches(self, epoch: int, n: int, batch_size: int, per_item: int) -> np.ndarray:
-        """The `n` batches of `epoch` for batch-all training: `(n, batch_size)` image indices (int64).
+        """The `n` batches of `epoch`: `(n, batch_size)` image indices (int64).
 
         Each batch is P items x K images: items are drawn uniformly without replacement, `per_item` (K)
         different images of each (all of them when an item has fewer), until `batch_size` images are drawn
@@ -175,7 +191,7 @@ class PairSampler:
             raise SiameseError(f"Expected `images_per_item` >= 2. Received: {per_item}")
         if n < 1:
             raise SiameseError(f"Expected at least 1 batch per epoch. Received: {n}")
-        rng = np.random.default_rng([self.seed, int(epoch)])
+        rng = self.generator(epoch)
         pool = np.union1d(self._positive_items, self._negative_items)
         out = np.empty((n, batch_size), np.int64)
         for b in range(n):

@@ -29,7 +29,7 @@ from siamese.config import CACHES
 from siamese.errors import SiameseError
 from siamese.images import decode_image, decode_images, exit_with_parent, file_stamp, naming
 from siamese.losses.targets import pack_relations
-from siamese.pairs import PairSampler
+from siamese.pairs import ItemSampler, PairSampler, PKSampler
 from siamese.util import cache_dir, parallel_map, usable_cpus
 
 Cache = Literal["none", "memory", "disk"]
@@ -175,7 +175,7 @@ class TrainingBatches(keras.utils.PyDataset):
     all), loading only those images.
     """
 
-    def __init__(self, sampler: PairSampler, image_size: int, *, batch_size: int, steps: int, start_epoch: int = 0,
+    def __init__(self, sampler: ItemSampler, image_size: int, *, batch_size: int, steps: int, start_epoch: int = 0,
                  cache: Cache = "none", images: np.ndarray | None = None, workers: int | None = None,
                  shard: tuple[int, int] = (0, 1), repeat: int | None = None):
         super().__init__(workers=2, max_queue_size=8)
@@ -243,7 +243,7 @@ class ItemBatches(TrainingBatches):
     `y_true` of a loss over P x K batches (`siamese.losses.targets.pack_relations`). A shard keeps its rows of it
     (positions and relations stay those of the whole batch). See `TrainingBatches` for the rest."""
 
-    def __init__(self, sampler: PairSampler, image_size: int, *, batch_size: int = 32, images_per_item: int = 4,
+    def __init__(self, sampler: PKSampler, image_size: int, *, batch_size: int = 32, images_per_item: int = 4,
                  images_per_epoch: int = 1024, **kwargs):
         super().__init__(sampler, image_size, batch_size=batch_size,
                          steps=steps_per_epoch(images_per_epoch, batch_size), **kwargs)

@@ -34,7 +34,7 @@ from siamese.errors import SiameseError
 from siamese.images import check_images
 from siamese.loss_registry import get_loss
 from siamese.models import build_batch_all, build_embedding, build_siamese, build_triplet
-from siamese.pairs import PairSampler
+from siamese.pairs import ItemSampler, PairSampler, PKSampler
 from siamese.pipeline import ItemBatches, PairBatches, decoded_images, steps_per_epoch
 from siamese.util import utc_now
 
@@ -84,7 +84,7 @@ def _sample_images(catalog: Catalog, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
 
 
-def _stream(config: TrainConfig, devices: Placement, sampler: PairSampler, per_epoch: int, *, start_epoch: int = 0,
+def _stream(config: TrainConfig, devices: Placement, sampler: ItemSampler, per_epoch: int, *, start_epoch: int = 0,
             cache: str = "memory", images: np.ndarray | None = None, steps: int | None = None):
     """The endless training input of `config.batches` and `config.loss` (P x K batches, or the pairs or triplets
     the loss draws), for `devices`; with `steps`, the first `steps` batches over and over."""
@@ -99,6 +99,14 @@ def _stream(config: TrainConfig, devices: Placement, sampler: PairSampler, per_e
                            **common)
 
     return devices.batches(config.batch_size, share)
+
+
+def _sampler(config: TrainConfig, catalog: Catalog) -> ItemSampler:
+    """What draws `config.batches` of `catalog`: P x K batches, or pairs and triplets; a catalog that cannot give
+    the triplets of a loss over triplets is refused here, not inside `fit`."""
+    if get_loss(config.loss).drawn == "triplets":
+        PairSampler(catalog, seed=config.seed).triplets(0, 2)
+    return (PKSampler if config.batches == "pk" else PairSampler)(catalog, seed=config.seed)
 
 
 def _triplets(config: TrainConfig) -> bool:
@@ -148,9 +156,7 @@ def _validation(config: TrainConfig, devices: Placement, val_catalog: Catalog, e
     metrics = RetrievalMetrics(embedding, images[picked], val_catalog.image_item[picked], config.batch_size,
                                initial=start_epoch == 0)
     try:
-        sampler = PairSampler(val_catalog, seed=config.seed)
-        if _triplets(config):
-            sampler.triplets(0, 2)
+        sampler = _sampler(config, val_catalog)
     except SiameseError:
         return [metrics], None, None
     steps = steps_per_epoch(config.val_pairs, config.batch_size)
@@ -218,7 +224,7 @@ def _train(config: TrainConfig, verbose: int | str, devices: Placement, out: Pat
                                    progress=progress)
     else:
         train_catalog, val_catalog = split_by_item(catalog, config.val_fraction, config.seed)
-    sampler = PairSampler(train_catalog, seed=config.seed)
+    sampler = _sampler(config, train_catalog)
 
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(devices.precision)
@@ -228,8 +234,6 @@ def _train(config: TrainConfig, verbose: int | str, devices: Placement, out: Pat
         train_images = decoded_images(train_catalog, size, cache, progress=progress) if cache != "none" else None
         backup = AtomicBackupAndRestore(str(backup_dir))
         start_epoch = backup.saved_epoch()
-        if get_loss(config.loss).drawn == "triplets":
-            sampler.triplets(0, 2)  # a catalog that cannot give triplets fails here, not inside fit
         stream = _stream(config, devices, sampler, config.images_per_epoch, start_epoch=start_epoch, cache=cache,
                          images=train_images)
         steps = steps_per_epoch(config.images_per_epoch, config.batch_size)

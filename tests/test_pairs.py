@@ -8,7 +8,7 @@ from conftest import solid_catalog
 
 from siamese.catalog import load_catalog
 from siamese.errors import SiameseError
-from siamese.pairs import PairSampler
+from siamese.pairs import PairSampler, PKSampler
 
 
 @pytest.fixture
@@ -131,7 +131,7 @@ def test_no_triplets_without_an_anchor(tmp_path):
 
 
 def test_batches_are_p_items_by_k_images_reproducibly(labeled):
-    sampler = PairSampler(labeled, seed=3)
+    sampler = PKSampler(labeled, seed=3)
     item = labeled.image_item
     batches = sampler.batches(0, 50, 8, per_item=2)
     assert batches.shape == (50, 8) and batches.dtype == np.int64
@@ -154,7 +154,7 @@ def test_batches_are_p_items_by_k_images_reproducibly(labeled):
 
 def test_batches_larger_than_the_catalog_draw_items_again_with_other_images(labeled):
     # 6 items, 15 images: a batch of 24 (K = 4) takes every item, then a second round of them
-    batch = PairSampler(labeled, seed=0).batches(0, 1, 24, per_item=4)[0]
+    batch = PKSampler(labeled, seed=0).batches(0, 1, 24, per_item=4)[0]
     item = labeled.image_item
     for i, count in enumerate(len(x.filenames) for x in labeled.items):
         images = batch[item[batch] == i]
@@ -163,7 +163,7 @@ def test_batches_larger_than_the_catalog_draw_items_again_with_other_images(labe
 
 
 def test_relations_follow_the_label_rule(labeled):
-    sampler = PairSampler(labeled, seed=1)
+    sampler = PKSampler(labeled, seed=1)
     batch = sampler.batches(0, 1, 12, per_item=3)[0]
     relation = sampler.relations(batch)
     item = labeled.image_item
@@ -181,7 +181,7 @@ def test_relations_follow_the_label_rule(labeled):
 
 
 def test_batch_settings_are_checked(labeled):
-    sampler = PairSampler(labeled)
+    sampler = PKSampler(labeled)
     with pytest.raises(SiameseError, match="Expected `images_per_item` >= 2. Received: 1"):
         sampler.batches(0, 1, 8, per_item=1)
     with pytest.raises(SiameseError, match="Expected `batch_size` >= 2 for batch-all training. Received: 1"):

@@ -1,7 +1,7 @@
 """What `y_true` carries for a loss over a P x K batch (`--batches pk`): one helper packs it, one unpacks it.
 
 Row i of a batch's `y_true` is `(position, relations...)`: its image's position in the whole batch of B images,
-then `PairSampler.relations` of it to each image of that batch (1 same item, 0 different items sharing no label,
+then `PKSampler.relations` of it to each image of that batch (1 same item, 0 different items sharing no label,
 -1 no pair: itself, or items sharing a label). A part of the rows (one replica's share under `tf.distribute`)
 keeps its positions in the whole batch, so the pairs among them are found in any share.
 """
