@@ -65,6 +65,24 @@ class Setting:
         return self.flag or f"--{self.name.replace('_', '-')}"
 
 
+BATCHES = ("pk", "pairs")
+"""How `train` draws batches: pk, P items x K images each (`images_per_item`), the loss over every pair (triplet)
+among them; pairs, drawn pairs (or triplets, for a loss over triplets), the loss over each."""
+
+
+def batches_name(text: str) -> str:
+    """A `batches` value, with the old `mining` spelling batch-all meaning pk."""
+    return {"batch-all": "pk"}.get(text, text)
+
+
+def flag(default, group: str, help: str, *, default_text: str | None = None, **argparse) -> dataclasses.Field:
+    """A `TrainConfig` field that is also a `train` flag, declared once: its `default`, the `group` of `--help` it
+    is listed in, its `help` (then "default X", or `default_text`), and argparse's keywords (`flag`, the option
+    when it is not --name-with-dashes; `old`, deprecated spellings; `choices`, `metavar`, `action`, `type`)."""
+    return dataclasses.field(default=default, metadata={"group": group, "help": help, "default_text": default_text,
+                                                        **argparse})
+
+
 def get_backbone(name: str) -> Backbone:
     """The `Backbone` called `name`; raises with the list of names otherwise."""
     if name not in BACKBONES:
@@ -82,40 +100,62 @@ class TrainConfig:
     LR_SCHEDULES: ClassVar[tuple[str, ...]] = ("constant", "cosine")
     """`lr_schedule`: AdamW's learning rate stays constant, or decays to 0 along a cosine over the run."""
 
-    labeled_data: str
+    labeled_data: str  # the catalog flags (--labeled-data, --image-dir, --on-bad-image) are every command's
     image_dir: str
-    out: str = "checkpoints/siamese.keras"
-    val_labeled_data: str | None = None  # a separate validation catalog instead of `val_fraction`
-    epochs: int = 10
-    batch_size: int = 64  # images per batch with batches="pk"; pairs (triplets) with "pairs"
-    images_per_epoch: int = 8192  # images per epoch with batches="pk"; pairs (triplets) with "pairs"
-    val_pairs: int = 1024
-    val_images: int = 2000  # held-out images used for precision@1 (a seeded sample when there are more)
-    backbone: str = "small_cnn"
-    weights: str = "auto"  # imagenet for keras.applications backbones, none for small_cnn; or a path
-    image_size: int | None = None  # the backbone's default
-    embedding_dim: int = 128
-    trainable_layers: int | None = None  # None: train all; 0: freeze the backbone; N: its top N layers
-    loss: str | None = None  # a name of siamese.losses.LOSSES; None: supcon with batches="pk", contrastive with "pairs"
-    batches: str = "pk"  # see siamese.losses.BATCHES: P x K batches of images, or drawn pairs (triplets)
-    images_per_item: int = 4  # K of a P x K batch with batches="pk"
-    margin: float = 1.0  # contrastive and triplet
-    temperature: float = 0.1  # supcon
+    out: str = flag("checkpoints/siamese.keras", "output", "checkpoint: .keras, or .h5/.hdf5 for HDF5",
+                    flag="--output", metavar="FILE", old=("--out",))
+    val_labeled_data: str | None = flag(None, "catalog", "a separate validation catalog (filenames under "
+                                        "--image-dir) instead of --val-fraction", metavar="F", default_text="")
+    epochs: int = flag(10, "batches and loss", "")
+    batch_size: int = flag(64, "batches and loss", "images per batch with --batches pk, pairs (triplets) with "
+                           "--batches pairs")
+    images_per_epoch: int = flag(8192, "batches and loss", "images drawn each epoch with --batches pk; fresh pairs "
+                                 "(triplets), half positive, with --batches pairs", metavar="N",
+                                 old=("--pairs-per-epoch",))
+    val_pairs: int = flag(1024, "validation", "validation pairs")
+    val_images: int = flag(2000, "validation", "held-out images for precision@1 and MAP@R, a seeded sample when "
+                           "there are more")
+    backbone: str = flag("small_cnn", "model", "", choices=tuple(BACKBONES))
+    weights: str = flag("auto", "model", "imagenet, none or a weights file",
+                        default_text="default: imagenet for pretrained backbones, none for small_cnn")
+    image_size: int | None = flag(None, "model", "input pixels", default_text="default: the backbone's own")
+    embedding_dim: int = flag(128, "model", "")
+    trainable_layers: int | None = flag(None, "model", "0 freezes the backbone, N fine-tunes its top N layers",
+                                        metavar="N", default_text="default: train all")
+    loss: str | None = None  # a name of siamese.loss_registry.LOSSES, whose entries give --loss's choices and help;
+    # None: supcon with batches="pk", contrastive with "pairs"
+    batches: str = flag("pk", "batches and loss", "pk: batches of P items x --images-per-item images, the loss over "
+                        "every pair (triplet) among them; pairs: the loss over drawn pairs (triplets)",
+                        choices=BATCHES, type=batches_name, old=("--mining",))
+    images_per_item: int = flag(4, "batches and loss", "K, the images of each item in a --batches pk batch",
+                                metavar="K")
+    margin: float = 1.0  # contrastive and triplet; its flag is the loss registry's setting (siamese.loss_registry)
+    temperature: float = 0.1  # supcon; likewise
     loss_settings: dict = dataclasses.field(default_factory=dict)  # settings of a registered loss not named above
     mining: str | None = None  # deprecated: `batches` ("batch-all" is "pk")
-    augment: bool = False  # random rotation, shift, zoom and contrast of training images (siamese.augment)
-    flip: bool = False  # random horizontal flips too, with augment
-    views: int = 2  # augmented views of each training image, positives of each other (needs augment)
-    monitor: str = "val_map_at_r"  # see MONITORS
-    learning_rate: float | None = None  # AdamW's: 3e-3 for small_cnn (from scratch), 1e-3 for pretrained backbones
-    lr_schedule: str = "cosine"  # see LR_SCHEDULES
-    weight_decay: float = 0.05  # AdamW's decoupled weight decay, scaled by the learning rate; 0 is Adam
-    val_fraction: float = 0.2
-    seed: int = 0
+    augment: bool = flag(False, "augmentation", "random rotation, shift, zoom and contrast of training images, in "
+                         "training only")
+    flip: bool = flag(False, "augmentation", "random horizontal flips too, with --augment", action="store_true")
+    views: int = flag(2, "augmentation", "augmented views of each image in a --batches pk batch, positives of each "
+                      "other (instance positives), with --augment")
+    monitor: str = flag("val_map_at_r", "validation", "what picks the best epoch: MAP@R or precision@1 of the "
+                        "held-out items, or the validation loss", choices=MONITORS)
+    learning_rate: float | None = flag(None, "optimiser", "AdamW's",
+                                       default_text="default: 0.003 for small_cnn, 0.001 for pretrained backbones")
+    lr_schedule: str = flag("cosine", "optimiser", "constant, or cosine decay to 0 over the run", choices=LR_SCHEDULES)
+    weight_decay: float = flag(0.05, "optimiser", "AdamW's decoupled weight decay, times the learning rate",
+                               default_text="default 0.05; 0: Adam")
+    val_fraction: float = flag(0.2, "validation", "items held out for validation")
+    seed: int = flag(0, "batches and loss", "")
     on_bad_image: str = "fail"
-    cache: str = "auto"
-    backend: str | None = None  # tensorflow or jax; None: the one Keras runs on (KERAS_BACKEND, default tensorflow)
-    tensorboard: str | None = None  # TensorBoard log folder; None: NAME.logs beside the checkpoint; "none": no logs
+    cache: str = flag("auto", "catalog", "decoded images: in memory, on disk, or decoded every batch",
+                      choices=("auto", *CACHES), default_text="default auto: memory if it fits in a quarter of RAM")
+    backend: str | None = flag(None, "model", "the Keras backend to train on: tensorflow is faster on the CPU, jax is "
+                               "there for GPUs; checkpoints of either load on both", choices=BACKENDS,
+                               default_text="default: $KERAS_BACKEND, else tensorflow")
+    tensorboard: str | None = flag(None, "output", "TensorBoard logs: losses, validation figures and learning rate of "
+                                   "every epoch (none: no logs). View them with `tensorboard --logdir DIR`",
+                                   metavar="DIR", default_text="default NAME.logs beside the checkpoint")
 
     def resolved(self) -> TrainConfig:
         """A copy with defaults that depend on other settings filled in, after checking every value."""
@@ -125,13 +165,13 @@ class TrainConfig:
             raise SiameseError(
                 f"Expected `out` to end in {', '.join(CHECKPOINT_SUFFIXES)}. Received: {self.out}"
             )
-        from siamese.loss_registry import BATCHES, DEFAULT_LOSS, get_loss
+        from siamese.loss_registry import DEFAULT_LOSS, get_loss
 
         batches = self.batches
         if self.mining is not None:
             warnings.warn("`mining` is deprecated: pass `batches` ('pk' for 'batch-all', or 'pairs')",
                           DeprecationWarning, stacklevel=2)
-            batches = {"batch-all": "pk"}.get(self.mining, self.mining)
+            batches = batches_name(self.mining)
         if batches not in BATCHES:
             raise SiameseError(f"Expected `batches` to be one of {', '.join(BATCHES)}. Received: {batches!r}")
         loss = self.loss or DEFAULT_LOSS[batches]

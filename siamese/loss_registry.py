@@ -14,12 +14,9 @@ import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from siamese.config import Setting
+from siamese.config import BATCHES, Setting
 from siamese.errors import SiameseError
 
-BATCHES = ("pk", "pairs")
-"""How `train` draws batches: pk, P items x K images each (`images_per_item`), the loss over every pair (triplet)
-among them; pairs, drawn pairs (or triplets, for a loss over triplets: `LossSpec.drawn`), the loss over each."""
 DEFAULT_LOSS = {"pk": "supcon", "pairs": "contrastive"}
 """The loss `train` uses on each kind of batch when none is named."""
 

@@ -165,3 +165,20 @@ def test_commands_that_need_no_tensorflow_do_not_import_it(tmp_path, command):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.stdout.splitlines()[-1] == "[]", result.stderr
+
+
+def test_train_flags_are_declared_once_by_the_train_config_fields():
+    import dataclasses
+
+    from siamese.config import TrainConfig
+
+    actions = {a.dest: a for a in build_parser().commands["train"]._actions}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in ("loss_settings", "mining"):  # filled by the loss settings' flags; the old --mining
+            assert field.name not in actions
+            continue
+        assert field.name in actions, f"TrainConfig.{field.name} has no train flag"
+        if field.default is not dataclasses.MISSING:
+            assert actions[field.name].default == field.default, field.name
+        if "help" in field.metadata:
+            assert field.metadata["help"] in actions[field.name].help
