@@ -1,6 +1,6 @@
 """The labeled catalog: items, their images and their labels, loaded from JSON and checked thoroughly.
 
-The format (DESIGN.md):
+The format (docs/data.md):
 
     {"item_id": {"images": [{"filename": "relative/path.jpg"}, ...], "labels": ["red", ...]}, ...}
 

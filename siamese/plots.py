@@ -53,6 +53,15 @@ def show_items(catalog: Catalog, items: int = 8, per_item: int = 6, image_size: 
     return image_grid(rows, row_titles=names)
 
 
+def show_batch(catalog: Catalog, batch: np.ndarray, rows: int = 8, image_size: int = 96):
+    """The first `rows` items of a P x K batch (`PKSampler.batches`), one row of its K images each: every two
+    images of a row are a positive pair, and two of different rows a negative one (items sharing no label)."""
+    items = catalog.image_item[batch]
+    order = list(dict.fromkeys(items.tolist()))[:rows]
+    images = [[decode_image(catalog.paths[i], image_size) for i in batch[items == item]] for item in order]
+    return image_grid(images, row_titles=[catalog.items[item].id for item in order])
+
+
 def show_pairs(catalog: Catalog, pairs: Pairs, n: int = 8, image_size: int = 96):
     """The first `n` pairs as two rows (first and second image), titled same (green) or different (red)."""
     n = min(n, len(pairs.same))

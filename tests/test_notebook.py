@@ -37,12 +37,13 @@ def test_notebook_runs_on_digits(digits, tmp_path):
     text = "".join(o.get("text", "") for c in cells if c["cell_type"] == "code" for o in c["outputs"])
     assert "10 items, 1,437 images, 0 labels, 0 items with one image" in text
     assert "training: 8 items" in text and "validation: 2 items" in text
-    assert "epoch 0: 8 positive and 8 negative pairs" in text
+    # the P x K batch training draws: 8 items x 4 images, C(4, 2) x 8 = 48 positive pairs of C(32, 2) = 496
+    assert "epoch 0, first batch: 32 images of 8 items, 48 positive and 448 negative pairs" in text
     assert "Best val_map_at_r " in text and str(checkpoint) in text
     assert "Retrieval among 2 items" in text and "precision@1" in text
     assert "untrained small_cnn (weights none, seed 0)" in text and "\n  raw pixels " in text
     pictures = [o for c in cells if c["cell_type"] == "code" for o in c["outputs"] if "image/png" in o.get("data", {})]
-    # item grid, pair grid, training curves, distance histograms, neighbour grid, 2-D projection
+    # item grid, batch grid, training curves, distance histograms, neighbour grid, 2-D projection
     assert len(pictures) == 6
     assert h5py.is_hdf5(checkpoint)
     assert (export_dir / "1" / "saved_model.pb").is_file()
