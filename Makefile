@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The virtualenv is (re)built when it is missing or older than requirements.txt.
 STAMP := $(VENV)/.installed
 
-# Docker: the repo is mounted at /app and DATA (default: your home folder, as in the seed) at /data.
+# Docker: the repo is mounted at /app and DATA (default: your home folder, as in the original) at /data.
 DATA ?= $(HOME)
 DOCKER ?= docker
 IMAGE ?= siamese

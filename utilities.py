@@ -1,4 +1,4 @@
-"""The seed's entry point: `python utilities.py ...` is the siamese command line (see `--help`)."""
+"""The original toolkit's entry point: `python utilities.py ...` is the siamese command line (see `--help`)."""
 
 from siamese.cli import main
 

@@ -19,7 +19,8 @@ BACKENDS = ("tensorflow", "jax")
 CACHES = ("none", "memory", "disk")
 CHECKPOINT_SUFFIXES = (".keras", ".h5", ".hdf5")
 PRETRAINED_BACKBONE = "inception_v3"
-"""The embedder without `--keras-model`: Google's Inception v3 with ImageNet weights, as both seeds used."""
+"""The embedder without `--keras-model`: Google's Inception v3 with ImageNet weights, as both original projects
+(the training toolkit and ImageSim) did."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import write_catalog, write_image
 
+from siamese import cli
 from siamese.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,13 +21,22 @@ def run(*argv, cwd=ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("entry", [["utilities.py"], ["-m", "siamese"]])
-def test_both_entry_points_give_the_same_help(entry):
+@pytest.mark.parametrize(("entry", "name"), [(["utilities.py"], "utilities.py"),
+                                             (["-m", "siamese"], "python -m siamese")])
+def test_both_entry_points_give_the_same_help_under_their_own_name(entry, name):
     result = run(*entry, "--help")
-    assert result.returncode == 0
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: {name} [-h]")
     for command in COMMANDS:
         assert command in result.stdout
-    assert result.stdout == run("utilities.py", "--help").stdout
+    body = result.stdout.split("\n\n", 1)[1]  # after the usage lines, which wrap by the name's length
+    assert body == run("utilities.py", "--help").stdout.split("\n\n", 1)[1]
+
+
+def test_the_installed_command_calls_itself_siamese(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["siamese", "train", "--epochs", "x"])
+    with pytest.raises(SystemExit):
+        cli.console()
+    assert capsys.readouterr().err.splitlines()[-1].startswith("siamese train: error: argument --epochs")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

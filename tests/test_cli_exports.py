@@ -1,4 +1,4 @@
-"""The seed's export and indexing commands as written, then query and similarity, end to end from the CLI."""
+"""The original's export and indexing commands as written, then query and similarity, end to end from the CLI."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def workdir(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow  # over 5 s: make test runs it, make test-fast not
-def test_seed_export_savedmodel_with_a_trained_model(workdir, run_cli):
+def test_original_export_savedmodel_with_a_trained_model(workdir, run_cli):
     code, out, err = run_cli("--export", "savedmodel", "--keras-model", "checkpoints/file_saved_by_notebook.hdf5")
     assert code == 0, err
     assert (workdir / "exports" / "savedmodel" / "1" / "saved_model.pb").is_file()
@@ -42,7 +42,7 @@ def test_seed_export_savedmodel_with_a_trained_model(workdir, run_cli):
 
 
 @pytest.mark.slow  # over 5 s: make test runs it, make test-fast not
-def test_seed_export_savedmodel_of_a_pretrained_backbone(workdir, run_cli):
+def test_original_export_savedmodel_of_a_pretrained_backbone(workdir, run_cli):
     code, _, err = run_cli("--export", "savedmodel", *PRETRAINED_OFFLINE, "--output", "pretrained")
     assert code == 0, err
     info = json.loads((workdir / "pretrained" / "1" / "siamese.json").read_text())
@@ -50,7 +50,7 @@ def test_seed_export_savedmodel_of_a_pretrained_backbone(workdir, run_cli):
 
 
 @pytest.mark.slow  # over 5 s with its fixture: make test runs it, make test-fast not
-def test_seed_index_commands_with_a_trained_model_then_query(workdir, run_cli):
+def test_original_index_commands_with_a_trained_model_then_query(workdir, run_cli):
     code, out, err = run_cli("--export", "balltree", "--keras-model", "checkpoints/file_saved_by_notebook.hdf5",
                              "--labeled-data", "data/labeled.json", "--image-dir", "data", "--no-progress")
     assert code == 0, err
@@ -79,7 +79,7 @@ def test_seed_index_commands_with_a_trained_model_then_query(workdir, run_cli):
     assert sorted(line.split()[2] for line in lines[1:]) == ["a", "b", "c"]
 
 
-def test_seed_index_commands_with_a_pretrained_backbone_and_brute(workdir, run_cli):
+def test_original_index_commands_with_a_pretrained_backbone_and_brute(workdir, run_cli):
     code, out, err = run_cli("--export", "balltree", "--labeled-data", "data/labeled.json", "--image-dir", "data",
                              *PRETRAINED_OFFLINE, "--engine", "brute", "--output", "brute", "--no-progress")
     assert code == 0, err

@@ -1,4 +1,4 @@
-"""The seed's docker workflow run for real (`make test-docker`): both images built on a local Debian base, then
+"""The original's docker workflow run for real (`make test-docker`): both images built on a local Debian base, then
 `make bash-cpu`, `make serve-docker`, `make notebook` and `make bash-gpu` as a user would type them, against a real
 docker engine.
 
@@ -101,7 +101,7 @@ def owners(folder: Path) -> set[int]:
     return {p.stat().st_uid for p in [folder, *folder.rglob("*")]}
 
 
-def test_make_bash_cpu_runs_the_seeds_commands_as_the_user_and_serve_docker_serves_the_index(repo):
+def test_make_bash_cpu_runs_the_original_commands_as_the_user_and_serve_docker_serves_the_index(repo):
     uid = USER if os.geteuid() == 0 else os.geteuid()
     train = ("python utilities.py train --labeled-data /data/digits/train.json --image-dir /data/digits "
              "--output checkpoints/X.hdf5 --epochs 1 --images-per-epoch 256 --image-size 16 --no-progress")

@@ -25,8 +25,8 @@ COMMANDS = ("validate", "train", "export", "embed", "index", "merge_index", "que
             "make_dataset", "demo")
 """The command modules of `siamese.cli`, in the order of the job (and of --help)."""
 
-SEED_EXPORTS = {"savedmodel": "export", "balltree": "index"}
-"""The seed's `--export WHAT` spelling, and the command each one is."""
+ORIGINAL_EXPORTS = {"savedmodel": "export", "balltree": "index"}
+"""The original toolkit's `--export WHAT` spelling, and the command each one is."""
 
 
 def _modules() -> dict:
@@ -35,27 +35,27 @@ def _modules() -> dict:
     return {m.NAME: m for m in modules}
 
 
-def _seed_syntax(argv: list[str], parser: Parser) -> list[str]:
-    """Rewrite the seed's `--export savedmodel ...` / `--export balltree ...` as `export ...` / `index ...`."""
+def _original_syntax(argv: list[str], parser: Parser) -> list[str]:
+    """Rewrite the original's `--export savedmodel ...` / `--export balltree ...` as `export ...` / `index ...`."""
     if argv and argv[0] in parser.commands:
         return argv
     for n, arg in enumerate(argv):
         if arg == "--export" or arg.startswith("--export="):
             what = arg.partition("=")[2] if "=" in arg else (argv[n + 1] if n + 1 < len(argv) else "")
             rest = argv[:n] + argv[n + (1 if "=" in arg else 2) :]
-            if what not in SEED_EXPORTS:
-                parser.error(f"Expected --export {' or '.join(SEED_EXPORTS)}. Received: --export {what!r}")
-            return [SEED_EXPORTS[what], *rest]
+            if what not in ORIGINAL_EXPORTS:
+                parser.error(f"Expected --export {' or '.join(ORIGINAL_EXPORTS)}. Received: --export {what!r}")
+            return [ORIGINAL_EXPORTS[what], *rest]
     return argv
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command line; its sub-parsers are in `parser.commands` by name."""
+def build_parser(prog: str = "utilities.py") -> argparse.ArgumentParser:
+    """The whole command line, called `prog` in its messages; its sub-parsers are in `parser.commands` by name."""
     parser = Parser(
-        prog="utilities.py",
+        prog=prog,
         description="siamese: train siamese CNNs for image similarity, export them, index and query a catalog.",
-        epilog="The seed's spellings work too: `--export savedmodel ...` is `export ...`, `--export balltree ...` "
-        "is `index ...`.",
+        epilog="The original toolkit's spellings work too: `--export savedmodel ...` is `export ...`, "
+        "`--export balltree ...` is `index ...`.",
     )
     parser.add_argument("--version", action="version", version=f"siamese {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
@@ -119,10 +119,11 @@ def _import_tensorflow_quietly(backend: str) -> None:
     tf.get_logger().setLevel("ERROR")  # e.g. "triggered tf.function retracing": advice for TF developers
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line with `argv` (default `sys.argv[1:]`); return the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(_seed_syntax(list(sys.argv[1:] if argv is None else argv), parser))
+def main(argv: Sequence[str] | None = None, prog: str = "utilities.py") -> int:
+    """Run the command line with `argv` (default `sys.argv[1:]`), called `prog` in its messages (default
+    utilities.py, the original's name); return the exit status."""
+    parser = build_parser(prog)
+    args = parser.parse_args(_original_syntax(list(sys.argv[1:] if argv is None else argv), parser))
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
@@ -148,3 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"{parser.prog}: interrupted", file=sys.stderr)
             return 130
+
+
+def console() -> int:
+    """The `siamese` command that `pip install` puts on the PATH: the same command line, called siamese."""
+    return main(prog="siamese")

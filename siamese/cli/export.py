@@ -1,4 +1,4 @@
-"""`export` (the seed's `--export savedmodel`): the embedding network as a TensorFlow SavedModel."""
+"""`export` (the original's `--export savedmodel`): the embedding network as a TensorFlow SavedModel."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ TENSORFLOW = True
 
 def register(commands) -> argparse.ArgumentParser:
     p = commands.add_parser(
-        NAME, help="write the embedding network as a TensorFlow SavedModel (seed: --export savedmodel)",
+        NAME, help="write the embedding network as a TensorFlow SavedModel (the original's --export savedmodel)",
         description="Export the embedding network as a TensorFlow SavedModel in a new numbered version folder "
         "(OUTPUT/1, OUTPUT/2...), as TF Serving expects. serving_default takes a batch of encoded image bytes "
         "(JPEG, PNG, GIF, BMP) and returns embeddings; serve_pixels takes uint8 pixels. Without --keras-model, "

@@ -1,4 +1,4 @@
-"""`index` (the seed's `--export balltree`): embed a catalog and save a nearest-neighbour index."""
+"""`index` (the original's `--export balltree`): embed a catalog and save a nearest-neighbour index."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def shard(text: str) -> tuple[int, int]:
 
 def register(commands) -> argparse.ArgumentParser:
     p = commands.add_parser(
-        NAME, help="embed every image of a catalog and build a nearest-neighbour index (seed: --export balltree)",
+        NAME,
+        help="embed every image of a catalog and build a nearest-neighbour index (the original's --export balltree)",
         description="Embed every image of a labeled catalog (batched, from the files) and save a nearest-neighbour "
         "index with each row's item id, filename and labels: embeddings as .npy, metadata as JSON, never a "
         "pickle. Without --keras-model, a pretrained ImageNet backbone embeds the images. Approximate engines (hnsw, "

@@ -5,7 +5,7 @@ and shard merging. Imports numpy only; each engine imports its library when buil
 A new engine: subclass `Engine`, decorate it with `@register_engine("name")`; see `siamese.search.engine`.
 """
 
-# registration order is the order of `--engine`'s choices, the first the default: the seed's, exact, approximate
+# registration order is the order of `--engine`'s choices, the first the default: the original's, exact, approximate
 from siamese.search.balltree import BallTree  # noqa: I001
 from siamese.search.brute import Brute
 from siamese.search.hnsw import Hnsw

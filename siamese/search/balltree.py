@@ -1,4 +1,4 @@
-"""scikit-learn's BallTree (the seed's engine): exact, rebuilt from the embeddings on load."""
+"""scikit-learn's BallTree (the original toolkit's engine): exact, rebuilt from the embeddings on load."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from siamese.search.engine import Engine, Setting, check_at_least, register_engi
 class BallTree(Engine):
     """scikit-learn's `BallTree` of `leaf_size` (default 40) rows per leaf."""
 
-    summary = "scikit-learn, exact, the seed's"
+    summary = "scikit-learn, exact, the original's"
 
     settings = (Setting("leaf_size", int, 40, "balltree: leaf size"),)
 
