@@ -63,7 +63,7 @@ def catalogs(dataset: str, work: Path) -> tuple[Path, Path, Path]:
 def run(dataset: str, work: Path, extra: list[str]) -> dict:
     """Train on `dataset`'s training items with the CLI defaults (+ `extra`), evaluate on its unseen items."""
     from siamese.catalog import load_catalog
-    from siamese.embed import evaluate_models, format_evaluations
+    from siamese.evaluation import evaluate_models, format_evaluations
 
     folder, train, test = catalogs(dataset, work)
     out = work / f"{dataset}.keras"

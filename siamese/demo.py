@@ -78,7 +78,8 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
 
     from siamese.catalog import load_catalog
     from siamese.config import TrainConfig
-    from siamese.embed import Embedder, evaluate_models
+    from siamese.embed import Embedder
+    from siamese.evaluation import evaluate_models
     from siamese.export import export_savedmodel
     from siamese.images import check_images
     from siamese.index import Index

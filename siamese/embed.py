@@ -6,9 +6,7 @@ and its pixels from `siamese.images.decode_image`, so they cannot disagree about
 
 from __future__ import annotations
 
-import json
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,20 +15,14 @@ import keras
 import numpy as np
 
 from siamese.catalog import Catalog
-from siamese.checkpoint import sidecar
 from siamese.config import PRETRAINED_BACKBONE
 from siamese.errors import SiameseError
 from siamese.images import ImageDecodeError, ImageSource, decode_image
 from siamese.models import build_embedding, load_embedding, model_fingerprint
-from siamese.pipeline import Cache, decoded_images
-from siamese.retrieval import Evaluation, evaluate_embeddings, metric_title
+from siamese.pipeline import Cache
 from siamese.search import Engine, Index, Match
 from siamese.tfdata import image_dataset
 from siamese.util import parallel_map, plural
-
-RAW_PIXELS = "raw pixels"
-"""The source name of the baseline with no learning: each image's pixels at the model's input size, flattened
-and L2-normalised, so distances compare like a network's cosine-normalised embeddings."""
 
 
 @dataclass(frozen=True)
@@ -122,31 +114,14 @@ class Embedder:
         """Embed every image of `catalog` and build an `Index` with `engine` (an `Engine` with its settings, e.g.
         `Hnsw(m=8)`, or a registered name meaning its defaults; default balltree). The index records this model
         and its recipe (so queries load it again), the catalog it came from (`labeled_data`, its image folder and
-        hash) and, for a shard of it (see `shard_catalog`), the `part`. What `--export balltree` runs; save it
-        with `.save(DIR)`."""
+        hash) and, for a shard of it (see `siamese.search.merge.shard_catalog`), the `part`. What `--export balltree`
+        runs; save it with `.save(DIR)`."""
         embeddings = embed_catalog(self.model, catalog, batch_size, progress=progress)
         check_finite(embeddings, self.info.source, catalog.filenames)
         source = {"labeled_data": str(Path(labeled_data).resolve()) if labeled_data else None,
                   "image_dir": str(catalog.image_dir.resolve()), "sha256": catalog.digest()}
         return Index.from_catalog(catalog, embeddings, engine=engine, model=self.info.to_dict(),
                                   embedder=self.recipe, source=source, part=part)
-
-
-def untrained_like(keras_model: str | os.PathLike) -> tuple[keras.Model, ModelInfo]:
-    """The network `keras_model` started from before training: rebuilt from the settings `train` wrote beside
-    it (backbone, size, weights, seed), or, without them, the same architecture with fresh random weights."""
-    settings_path = sidecar(keras_model, "config")
-    if settings_path.is_file():
-        settings = json.loads(settings_path.read_text())
-        keras.utils.set_random_seed(settings["seed"])
-        model = build_embedding(settings["backbone"], settings["image_size"], settings["embedding_dim"],
-                                settings["weights"], settings["trainable_layers"])
-        source = f"untrained {settings['backbone']} (weights {settings['weights']}, seed {settings['seed']})"
-    else:
-        keras.utils.set_random_seed(0)
-        model = keras.models.clone_model(load_embedding(keras_model))
-        source = "untrained copy of the architecture (random weights, seed 0)"
-    return model, describe(model, source)
 
 
 def embed_catalog(
@@ -173,74 +148,11 @@ def check_finite(embeddings: np.ndarray, source: str, filenames: Sequence[str]) 
                            "images. Fix: use an earlier checkpoint, or train again with a lower learning rate.")
 
 
-def pixel_embeddings(catalog: Catalog, image_size: int, progress: bool = True) -> np.ndarray:
-    """The raw-pixel baseline `(images, size * size * 3)` float32 of every image of `catalog`: pixels as the
-    network sees them (`decode_image` at `image_size`), flattened and L2-normalised (see `RAW_PIXELS`)."""
-    pixels = decoded_images(catalog, image_size, progress=progress).reshape(len(catalog.filenames), -1)
-    vectors = pixels.astype(np.float32)
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-
-
-def evaluate(
-    embedder: Embedder, catalog: Catalog, ks: Sequence[int] = (1, 5, 10), pairs: int = 4096, seed: int = 0,
-    batch_size: int = 64, progress: bool = True,
-) -> Evaluation:
-    """How well `embedder` finds the right item among `catalog`'s (leave-one-out precision@1, R-precision,
-    MAP@R, recall@`ks`) and its "same item?" threshold calibrated on `pairs` drawn with `seed`; evaluate on items
-    training never saw to judge how it generalises, beside its baselines (`evaluate_models`)."""
-    embeddings = embed_catalog(embedder.model, catalog, batch_size, progress=progress)
-    return evaluate_embeddings(embeddings, catalog, ks, pairs, seed)
-
-
-def evaluate_models(
-    catalog: Catalog, keras_model: str | os.PathLike | None = None, backbone: str = PRETRAINED_BACKBONE,
-    weights: str | None = "imagenet", image_size: int | None = None, *, baseline: bool = True,
-    pixels: bool = True, ks: Sequence[int] = (1, 5, 10), pairs: int = 4096, seed: int = 0, batch_size: int = 64,
-    progress: bool = True,
-) -> list[tuple[ModelInfo, Evaluation]]:
-    """Leave-one-out retrieval among `catalog`'s items for a model and its baselines: `(ModelInfo, Evaluation)`
-    for the model (`Embedder.load`'s arguments), then with `baseline` (default) and a `keras_model` the
-    network it started from (`untrained_like`), then with `pixels` (default) raw pixels at the model's size.
-
-    What `evaluate` prints; evaluate on items the model never saw in training to judge how it generalises.
-    """
-    embedder = Embedder.load(keras_model, backbone, weights, image_size)
-    models = [(embedder.model, embedder.info)]
-    if keras_model is not None and baseline:
-        try:
-            models.append(untrained_like(keras_model))
-        except SiameseError as e:
-            warnings.warn(f"no untrained baseline: {e}", UserWarning, stacklevel=2)
-    results = [(info, evaluate(Embedder(model, info, {}), catalog, ks, pairs, seed, batch_size, progress))
-               for model, info in models]
-    if pixels:
-        size = models[0][1].image_size
-        embeddings = pixel_embeddings(catalog, size, progress=progress)
-        info = ModelInfo(RAW_PIXELS, "", size, embeddings.shape[1])
-        results.append((info, evaluate_embeddings(embeddings, catalog, ks, pairs, seed)))
-    return results
-
-
 def shown(source: str) -> str:
     """A model's source for people (the CLI's lines, the evaluate table): a path under the working folder
     relative to it, anything else as it is."""
     path = Path(source)
     return str(path.relative_to(Path.cwd())) if path.is_absolute() and path.is_relative_to(Path.cwd()) else source
-
-
-def format_evaluations(results: list[tuple[ModelInfo, Evaluation]], catalog: Catalog) -> str:
-    """`evaluate_models`' results as the table `evaluate` prints, with the first model's threshold."""
-    first = results[0][1]
-    lines = [f"Retrieval among {plural(len(catalog), 'item')} ({first.metrics['queries']:,} query images, "
-             "leave-one-out):"]
-    names = [k for k in first.metrics if k != "queries"]
-    sources = [shown(info.source) for info, _ in results]
-    width = min(60, max(len(source) for source in sources))
-    lines.append(f"  {'model':<{width}}" + "".join(f"{metric_title(n):>13}" for n in names))
-    for source, (_, e) in zip(sources, results, strict=True):
-        lines.append(f"  {source[-width:]:<{width}}" + "".join(f"{e.metrics[n]:>13.4f}" for n in names))
-    lines.append(f"{str(first.threshold).capitalize()}, calibrated on this catalog")
-    return "\n".join(lines)
 
 
 def embed_sources(
@@ -289,35 +201,3 @@ def embed_images(model: keras.Model, sources: Sequence[ImageSource], batch_size:
     """Embeddings `(len(sources), dim)` float32 of image files or encoded bytes (see `embed_sources`); one that
     cannot be decoded raises `ImageDecodeError` naming it."""
     return embed_sources(model, sources, batch_size)[2]
-
-
-def shard_catalog(catalog: Catalog, shard: int, shards: int, batch_size: int = 64) -> tuple[Catalog, dict]:
-    """Shard `shard` (1-based) of `shards` of `catalog`'s images: a contiguous run of whole batches of
-    `batch_size` (default 64), so every batch is the one indexing the whole catalog embeds and the merged parts
-    equal it byte for byte. Returns the slice and the part record an `Index` keeps (`part`): shard, shards,
-    batch_size, rows (first and after-last image of the slice in the catalog), images, catalog_sha256."""
-    images = len(catalog.filenames)
-    batches = -(-images // batch_size)
-    if not 1 <= shard <= shards <= batches:
-        raise SiameseError(
-            f"Expected `shard` I/N with 1 <= I <= N <= {batches:,} (the catalog's {plural(images, 'image')} make "
-            f"{batches:,} batches of `batch_size={batch_size}`). Received: `shard={shard}/{shards}`. Fix: number "
-            "shards from 1, and ask for at most one shard per batch."
-        )
-    start = (shard - 1) * batches // shards * batch_size
-    stop = min(shard * batches // shards * batch_size, images)
-    part = {"shard": shard, "shards": shards, "batch_size": batch_size, "rows": [start, stop], "images": images,
-            "catalog_sha256": catalog.digest()}
-    return catalog.slice_images(start, stop), part
-
-
-def finished_part(directory: str | os.PathLike, info: ModelInfo, part: dict, backend: str) -> bool:
-    """Whether `directory` holds, whole, the shard `part` (see `shard_catalog`) embedded by the model `info`
-    with `backend`: such a shard need not be embedded again."""
-    if not (Path(directory) / "index.json").is_file():
-        return False
-    try:
-        index = Index.load(directory)
-    except SiameseError:
-        return False
-    return (index.part, index.model.get("fingerprint"), index.backend) == (part, info.fingerprint, backend)

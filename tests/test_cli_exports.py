@@ -284,7 +284,7 @@ def test_evaluate_reports_the_model_its_untrained_baseline_and_raw_pixels(workdi
 
 def test_the_baseline_is_rebuilt_from_the_training_settings(workdir):
     from siamese.config import TrainConfig
-    from siamese.embed import untrained_like
+    from siamese.evaluation import untrained_like
 
     settings = TrainConfig("x.json", "x", image_size=16, embedding_dim=8, seed=3).resolved().to_dict()
     (workdir / "checkpoints" / "file_saved_by_notebook.config.json").write_text(json.dumps(settings))

@@ -10,7 +10,7 @@ from conftest import require_package
 
 from siamese.catalog import load_catalog
 from siamese.config import TrainConfig
-from siamese.embed import RAW_PIXELS, evaluate_models
+from siamese.evaluation import RAW_PIXELS, evaluate_models
 from siamese.glyphs import FONT_PACKAGES, make_glyphs
 from siamese.training import train
 

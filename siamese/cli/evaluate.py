@@ -37,7 +37,7 @@ def register(commands) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from siamese.catalog import load_catalog
-    from siamese.embed import evaluate_models, format_evaluations
+    from siamese.evaluation import evaluate_models, format_evaluations
     from siamese.images import check_images
 
     progress = not args.no_progress

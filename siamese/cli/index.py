@@ -87,9 +87,9 @@ def _from_stores(args: argparse.Namespace) -> int:
 
 def _claimed(args: argparse.Namespace) -> int:
     from siamese.catalog import load_catalog
-    from siamese.embed import finished_part, shard_catalog
     from siamese.images import check_images
     from siamese.search import ENGINES
+    from siamese.search.merge import finished_part, shard_catalog
 
     progress = not args.no_progress
     catalog, part = load_catalog(args.labeled_data, args.image_dir), None

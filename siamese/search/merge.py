@@ -1,4 +1,5 @@
-"""Shard merging: one index of the parts written by `index --shard I/N`."""
+"""Shards: a slice of a catalog for `index --shard I/N` (`shard_catalog`), whether a part is done (`finished_part`),
+and one index of the parts (`merge_parts`). Deprecated beside `embed --runner ray` and `index --embeddings`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import tempfile
 from collections.abc import Sequence
 from itertools import groupby
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -15,6 +17,10 @@ from siamese.errors import SiameseError
 from siamese.search.engine import Engine, engine_class, make_engine
 from siamese.search.index import Index
 from siamese.search.kernel import write_rows
+from siamese.util import plural
+
+if TYPE_CHECKING:
+    from siamese.embed import ModelInfo
 
 
 def merge_parts(directories: Sequence[str | os.PathLike], engine: str | Engine | None = None, **settings) -> Index:
@@ -116,3 +122,35 @@ def _items_of_rows(items: Sequence[str], filenames: Sequence[str], labels: Seque
         rows = list(rows)
         out.append(Item(item, tuple(filename for _, filename, _ in rows), tuple(rows[0][2])))
     return tuple(out)
+
+
+def shard_catalog(catalog: Catalog, shard: int, shards: int, batch_size: int = 64) -> tuple[Catalog, dict]:
+    """Shard `shard` (1-based) of `shards` of `catalog`'s images: a contiguous run of whole batches of
+    `batch_size` (default 64), so every batch is the one indexing the whole catalog embeds and the merged parts
+    equal it byte for byte. Returns the slice and the part record an `Index` keeps (`part`): shard, shards,
+    batch_size, rows (first and after-last image of the slice in the catalog), images, catalog_sha256."""
+    images = len(catalog.filenames)
+    batches = -(-images // batch_size)
+    if not 1 <= shard <= shards <= batches:
+        raise SiameseError(
+            f"Expected `shard` I/N with 1 <= I <= N <= {batches:,} (the catalog's {plural(images, 'image')} make "
+            f"{batches:,} batches of `batch_size={batch_size}`). Received: `shard={shard}/{shards}`. Fix: number "
+            "shards from 1, and ask for at most one shard per batch."
+        )
+    start = (shard - 1) * batches // shards * batch_size
+    stop = min(shard * batches // shards * batch_size, images)
+    part = {"shard": shard, "shards": shards, "batch_size": batch_size, "rows": [start, stop], "images": images,
+            "catalog_sha256": catalog.digest()}
+    return catalog.slice_images(start, stop), part
+
+
+def finished_part(directory: str | os.PathLike, info: ModelInfo, part: dict, backend: str) -> bool:
+    """Whether `directory` holds, whole, the shard `part` (see `shard_catalog`) embedded by the model `info`
+    with `backend`: such a shard need not be embedded again."""
+    if not (Path(directory) / "index.json").is_file():
+        return False
+    try:
+        index = Index.load(directory)
+    except SiameseError:
+        return False
+    return (index.part, index.model.get("fingerprint"), index.backend) == (part, info.fingerprint, backend)
