@@ -14,7 +14,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import subprocess
+import sys
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,32 +83,79 @@ class EmbedActor:
         return {"index": batch["index"], "embedding": embeddings, "error": batch["error"]}
 
 
-def connect(address: str | None = None) -> bool:
+OWNER = "SIAMESE_RAY_OWNER"
+"""The environment variable that marks the processes of a local Ray a run started (they inherit it)."""
+_REAPER = f"""
+import os, signal, sys, time
+sys.stdin.buffer.read()  # end of file: the run ended, however it ended
+mark = ("{OWNER}=" + sys.argv[1]).encode()
+for _ in range(3):
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{{pid}}/environ", "rb") as f:
+                if mark in f.read().split(b"\\0") and pid != sys.argv[2]:
+                    os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
+    time.sleep(0.5)
+"""
+"""What the reaper of a local Ray runs: wait for the run's end, then kill the processes it marked (`OWNER`) but the
+run's own (argv[2])."""
+
+
+def connect(address: str | None = None) -> Callable[[], None] | None:
     """Join the Ray cluster at `address`, else $RAY_ADDRESS, else start a local Ray; nothing when this process is
-    connected already. Returns whether this call connected (and so should `ray.shutdown()`)."""
+    connected already. Returns how to disconnect (None when this call did not connect).
+
+    A local Ray dies with this process however it ends, even by SIGKILL: its processes are marked (`OWNER`) and
+    a reaper process (Linux) kills them once this one's end closes its pipe. Ray's own agents outlive a killed
+    driver by minutes, retrying a dead GCS."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return None
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    local = {"include_dashboard": False} if address == "local" else {}
+    reaper, saved = None, os.environ.get(OWNER)
+    if address == "local" and Path("/proc/self/environ").exists():
+        mark = uuid.uuid4().hex
+        reaper = subprocess.Popen([sys.executable, "-c", _REAPER, mark, str(os.getpid())], stdin=subprocess.PIPE,
+                                  start_new_session=True)
+        os.environ[OWNER] = mark
     try:
+        local = {"include_dashboard": False} if address == "local" else {}
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, **local)
     except ConnectionError as e:
         raise SiameseError(f"Expected a Ray cluster at {address}. Received: {e}. Fix: start it with `ray start "
                            "--head` (and `ray start --address=HEAD:6379` on the other machines), or unset "
                            "RAY_ADDRESS to start a local Ray.") from None
-    return True
+    finally:
+        if reaper is not None:
+            if saved is None:
+                os.environ.pop(OWNER, None)
+            else:
+                os.environ[OWNER] = saved
+
+    def disconnect() -> None:
+        ray.shutdown()
+        if reaper is not None:
+            reaper.stdin.close()
+            reaper.wait()
+
+    return disconnect
 
 
-def placement(cpus: float, node_cpus: float, gpus: float, actors: int) -> dict:
-    """How a run sits on a cluster of `cpus` CPUs (at most `node_cpus` on a node) and `gpus` GPUs with `actors`
-    actors: the CPUs a decode task and an actor reserve (an actor takes less than one where the CPUs would
-    otherwise all go to actors and leave none to decode), an actor's GPUs (1 where there are GPUs), and its
-    TensorFlow threads (half the CPUs, shared among the actors, at most a node's)."""
-    decode = 1.0 if cpus >= 2 else 0.5
-    actor = round(max(0.1, min(1.0, (cpus - decode) / actors)), 2)
-    threads = max(1, int(min(node_cpus, cpus // (2 * actors))))
+def placement(cpus: float, nodes: list[float], gpus: float, actors: int) -> dict:
+    """How a run sits on a cluster of `cpus` CPUs, `nodes` CPUs on each node, and `gpus` GPUs with `actors` actors:
+    the CPUs a decode task and an actor reserve, so that beside an actor a decode task fits on the smallest node
+    and the actors never take every CPU (on 2 CPUs an actor reserves half of one), never the same amount (which
+    would fuse decoding into the actors); an actor's GPUs (1 where there
+    are GPUs); its TensorFlow threads (half the CPUs shared among the actors, at most a node's)."""
+    smallest, largest = min(nodes, default=1.0), max(nodes, default=1.0)
+    decode = min(1.0, smallest / 2)
+    actor = round(max(0.1, min(1.0, smallest - decode, (cpus - decode) / actors)), 2)
+    if actor == decode and not gpus:  # Ray Data fuses steps of equal resources: decoding would run in the actors
+        actor = round(actor - 0.01, 2)
+    threads = max(1, int(min(largest, cpus // (2 * actors))))
     return {"decode_cpus": decode, "actor_cpus": actor, "actor_gpus": 1 if gpus else None, "threads": threads}
 
 
@@ -123,7 +173,7 @@ def embed_on_ray(
     import ray.data
     from tqdm.auto import tqdm
 
-    started = connect(address)
+    disconnect = connect(address)
     context = ray.data.DataContext.get_current()
     saved = context.enable_progress_bars, context.print_on_execution_start, context.enable_auto_log_stats
     loggers = [logging.getLogger(name) for name in ("ray.data", "ray")]
@@ -133,8 +183,8 @@ def embed_on_ray(
         for logger in loggers:
             logger.setLevel(logging.WARNING)
         resources = ray.cluster_resources()
-        node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
-        where = placement(resources.get("CPU", 1), node_cpus, resources.get("GPU", 0), actors)
+        nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
+        where = placement(resources.get("CPU", 1), nodes, resources.get("GPU", 0), actors)
         recipe = embedder.recipe
         model_file, suffix = None, ""
         if recipe.get("keras_model"):
@@ -158,8 +208,8 @@ def embed_on_ray(
         context.enable_progress_bars, context.print_on_execution_start, context.enable_auto_log_stats = saved
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
-        if started:
-            ray.shutdown()
+        if disconnect:
+            disconnect()
 
 
 def _collect(dataset, catalog: Catalog, todo: np.ndarray, sink, on_bad_image: OnBadImage, bar) -> list[BadImage]:

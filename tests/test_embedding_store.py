@@ -487,3 +487,14 @@ def test_an_actor_killed_mid_run_is_restarted_and_every_image_is_stored_once(dat
     monkeypatch.undo()
     embed_to_store(embedder, catalog(data, "grown"), tmp_path / "local", progress=False, workers=1)
     assert_same_store(tmp_path / "local", tmp_path / "ray", atol=1e-6)
+
+
+def test_the_actors_leave_room_for_a_decode_task_on_every_node():
+    from siamese.ray_runner import placement
+
+    assert placement(2, [2], 0, 2) == {"decode_cpus": 1.0, "actor_cpus": 0.5, "actor_gpus": None, "threads": 1}
+    two_nodes = placement(2, [1, 1], 0, 2)  # an actor on each node: half a CPU each leaves half for decoding
+    assert two_nodes["decode_cpus"] + two_nodes["actor_cpus"] <= 1
+    assert two_nodes["decode_cpus"] != two_nodes["actor_cpus"]  # else Ray Data runs decoding inside the actors
+    assert placement(64, [16] * 4, 0, 8)["actor_cpus"] == 0.99
+    assert placement(64, [16] * 4, 8, 8) == {"decode_cpus": 1.0, "actor_cpus": 1.0, "actor_gpus": 1, "threads": 4}
