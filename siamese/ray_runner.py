@@ -89,7 +89,7 @@ _REAPER = f"""
 import os, signal, sys, time
 sys.stdin.buffer.read()  # end of file: the run ended, however it ended
 mark = ("{OWNER}=" + sys.argv[1]).encode()
-for _ in range(3):
+for _ in range(20):  # raylet may start its agents again while it dies: sweep for 10 s
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{{pid}}/environ", "rb") as f:
