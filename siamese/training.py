@@ -104,9 +104,11 @@ def _stream(config: TrainConfig, devices: Placement, sampler: ItemSampler, per_e
 def _sampler(config: TrainConfig, catalog: Catalog) -> ItemSampler:
     """What draws `config.batches` of `catalog`: P x K batches, or pairs and triplets; a catalog that cannot give
     the triplets of a loss over triplets is refused here, not inside `fit`."""
+    sampler = (PKSampler if config.batches == "pk" else PairSampler)(catalog, seed=config.seed)
     if get_loss(config.loss).drawn == "triplets":
-        PairSampler(catalog, seed=config.seed).triplets(0, 2)
-    return (PKSampler if config.batches == "pk" else PairSampler)(catalog, seed=config.seed)
+        drawn = sampler if isinstance(sampler, PairSampler) else PairSampler(catalog, seed=config.seed)
+        drawn.triplets(0, 2)
+    return sampler
 
 
 def _triplets(config: TrainConfig) -> bool:
