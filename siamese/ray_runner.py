@@ -26,6 +26,7 @@ import numpy as np
 from siamese.catalog import Catalog
 from siamese.errors import SiameseError
 from siamese.images import BadImage, BadImagesError, ImageDecodeError, OnBadImage, decode_image, warn_skipped
+from siamese.reaper import OWNER
 from siamese.util import plural
 
 BLOCKS = 10_000
@@ -83,33 +84,13 @@ class EmbedActor:
         return {"index": batch["index"], "embedding": embeddings, "error": batch["error"]}
 
 
-OWNER = "SIAMESE_RAY_OWNER"
-"""The environment variable that marks the processes of a local Ray a run started (they inherit it)."""
-_REAPER = f"""
-import os, signal, sys, time
-sys.stdin.buffer.read()  # end of file: the run ended, however it ended
-mark = ("{OWNER}=" + sys.argv[1]).encode()
-for _ in range(20):  # raylet may start its agents again while it dies: sweep for 10 s
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{{pid}}/environ", "rb") as f:
-                if mark in f.read().split(b"\\0") and pid != sys.argv[2]:
-                    os.kill(int(pid), signal.SIGKILL)
-        except OSError:
-            pass
-    time.sleep(0.5)
-"""
-"""What the reaper of a local Ray runs: wait for the run's end, then kill the processes it marked (`OWNER`) but the
-run's own (argv[2])."""
-
-
 def connect(address: str | None = None) -> Callable[[], None] | None:
     """Join the Ray cluster at `address`, else $RAY_ADDRESS, else start a local Ray; nothing when this process is
     connected already. Returns how to disconnect (None when this call did not connect).
 
-    A local Ray dies with this process however it ends, even by SIGKILL: its processes are marked (`OWNER`) and
-    a reaper process (Linux) kills them once this one's end closes its pipe. Ray's own agents outlive a killed
-    driver by minutes, retrying a dead GCS."""
+    A local Ray dies with this process however it ends, even by SIGKILL: its processes are marked (`OWNER`), and
+    a reaper process (`siamese.reaper`, Linux) kills them and the processes below them once this one's end closes
+    its pipe. Ray's own agents outlive a killed driver by minutes, retrying a dead GCS."""
     import ray
 
     if ray.is_initialized():
@@ -118,8 +99,8 @@ def connect(address: str | None = None) -> Callable[[], None] | None:
     reaper, saved = None, os.environ.get(OWNER)
     if address == "local" and Path("/proc/self/environ").exists():
         mark = uuid.uuid4().hex
-        reaper = subprocess.Popen([sys.executable, "-c", _REAPER, mark, str(os.getpid())], stdin=subprocess.PIPE,
-                                  start_new_session=True)
+        reaper = subprocess.Popen([sys.executable, Path(__file__).with_name("reaper.py"), mark, str(os.getpid())],
+                                  stdin=subprocess.PIPE, start_new_session=True)
         os.environ[OWNER] = mark
     try:
         local = {"include_dashboard": False} if address == "local" else {}
