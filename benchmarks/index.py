@@ -122,9 +122,9 @@ def build(engine: str, args: argparse.Namespace, rows: int, directory: str, scra
         seconds = time.perf_counter() - start
         qps, found = time_queries(lambda q: index.kneighbors(q, args.k)[1], queries)
         index.save(directory)
-        knob = index.search_engine.knob
-        name = f"siamese {engine}" + (f" {knob}={index.params[knob]}" if knob in index.params else "")
-        name += " (IVF)" if index.params.get("nlist") else " (flat)" if engine == "faiss" else ""
+        params, knob = index.engine.params, index.engine.knob
+        name = f"siamese {engine}" + (f" {knob.name}={params[knob.name]}" if knob and knob.name in params else "")
+        name += " (IVF)" if params.get("nlist") else " (flat)" if engine == "faiss" else ""
     files = [p for p in Path(directory).iterdir() if p.suffix in (".npy", ".hnsw", ".faiss")]
     return {"name": name, "build": seconds, "qps": qps, "found": found, "baseline": baseline,
             "mib": sum(p.stat().st_size for p in files) / 2**20, "build_peak": peak_mib()}

@@ -125,15 +125,12 @@ def test_validate_does_not_promise_what_train_refuses(tmp_path, run_cli):
     (["train", "--labeled-data", "c.json", "--image-dir", "d", "--mining", "pairs"], "batches", "pairs"),
     (["similarity", "--image-dir", "d", "--out", "sims"], "out", "sims"),
     (["similarity", "--image-dir", "d", "--output", "sims", "--top-k", "3"], "top_k", 3),
-    (["index", "--labeled-data", "c.json", "--image-dir", "d", "--index", "hnsw"], "engine", "hnsw"),
-    (["merge-index", "p1", "--output", "o", "--index", "brute"], "engine", "brute"),
     (["make-dataset", "--source", "digits", "--out", "data"], "out", "data"),
     (["demo", "--out", "d", "--pairs-per-epoch", "64"], "images_per_epoch", 64),
 ])
 def test_old_spellings_still_work_with_a_deprecation_note(capsys, argv, dest, value):
     parser = build_parser()
-    new = {"--out": "--output", "--pairs-per-epoch": "--images-per-epoch", "--top-k": "--k", "--index": "--engine",
-           "--mining": "--batches"}
+    new = {"--out": "--output", "--pairs-per-epoch": "--images-per-epoch", "--top-k": "--k", "--mining": "--batches"}
     old = [a for a in argv if a in new]
     assert getattr(parser.parse_args(argv), dest) == value
     assert capsys.readouterr().err == "".join(f"utilities.py {argv[0]}: warning: {o} is deprecated; use {new[o]}\n"
@@ -142,9 +139,13 @@ def test_old_spellings_still_work_with_a_deprecation_note(capsys, argv, dest, va
         assert f"{o} " not in parser.commands[argv[0]].format_help()  # hidden from --help
 
 
-def test_query_keeps_index_as_the_index_folder():
+def test_index_means_the_index_folder_and_nothing_else():
     args = build_parser().parse_args(["query", "--index", "exports/index", "q.png", "--k", "3"])
     assert (args.index, args.k, args.images) == ("exports/index", 3, ["q.png"])
+    for argv in (["index", "--labeled-data", "c.json", "--image-dir", "d", "--index", "hnsw"],
+                 ["merge-index", "p1", "--output", "o", "--index", "brute"]):
+        with pytest.raises(SystemExit, match="2"):
+            build_parser().parse_args(argv)
 
 
 @pytest.mark.parametrize(("command", "message", "expected"), [

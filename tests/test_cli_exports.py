@@ -57,7 +57,7 @@ def test_original_index_commands_with_a_trained_model_then_query(workdir, run_cl
     assert ("Indexed 7 images of 3 items (8-d, balltree) embedded by checkpoints/file_saved_by_notebook.hdf5: "
             "exports/index") in out
     index = Index.load(workdir / "exports" / "index")
-    assert index.backend == "balltree" and index.items == ["a"] * 3 + ["b"] * 2 + ["c"] * 2
+    assert index.engine.name == "balltree" and index.items == ["a"] * 3 + ["b"] * 2 + ["c"] * 2
     catalog = load_catalog(workdir / "data" / "labeled.json", workdir / "data")
     model = keras.saving.load_model(workdir / "checkpoints" / "file_saved_by_notebook.hdf5")
     np.testing.assert_allclose(index.embeddings, embed_images(model, list(catalog.paths)), atol=1e-5)
@@ -148,7 +148,7 @@ def test_shards_merge_into_the_index_of_the_whole_catalog_byte_for_byte(workdir,
                              "--engine", "hnsw")
     assert code == 0 and "hnsw (M 16, ef_construction 200, ef 16)" in out and "Recall@10" in out
     assert run_cli("merge-index", "parts/1", "parts/2", "parts/3", "--output", "default")[0] == 0
-    assert Index.load(workdir / "default").backend == "balltree"  # the parts'
+    assert Index.load(workdir / "default").engine.name == "balltree"  # the parts'
 
 
 def test_a_finished_shard_is_skipped_and_a_changed_one_redone(workdir, run_cli):

@@ -293,14 +293,15 @@ def _tamper(job: Path, change) -> None:
 
 
 TAMPERS = [
-    ("leaf_size a string", lambda s: s["engine"].update(leaf_size="forty"), r"leaf_size to be an integer"),
-    ("leaf_size negative", lambda s: s["engine"].update(leaf_size=-1), r"leaf_size to be an integer >= 1"),
+    ("leaf_size a string", lambda s: s["engine"]["params"].update(leaf_size="forty"), r"leaf_size to be an integer"),
+    ("leaf_size negative", lambda s: s["engine"]["params"].update(leaf_size=-1), r"leaf_size to be an integer >= 1"),
     ("an unknown embedder key", lambda s: s["embedder"].update(exec="rm -rf /"), r"embedder with keys among"),
     ("model not an object", lambda s: s.update(model=5), r"model to be an object"),
     ("another format version", lambda s: s.update(version=99), r"version 99"),
     ("rows not a number", lambda s: s.update(rows="seven"), r"malformed"),
     ("files missing", lambda s: s.pop("files"), r"malformed"),
-    ("a foreign backend", lambda s: s.update(backend="pickle"), r"backend"),
+    ("a foreign engine", lambda s: s["engine"].update(name="pickle"), r"expected an engine of .*, found 'pickle'"),
+    ("an engine of no name", lambda s: s.update(engine={"params": {}}), r"malformed \(KeyError: 'name'\)"),
 ]
 
 
@@ -354,7 +355,7 @@ def test_rebuilding_an_index_leaves_exactly_one_index(job):
     ok(*INDEX, "--output", "index", "--engine", "brute")
     after = set(os.listdir(job / "index"))
     assert "index.json" in after and len(after) == 3 and after == before  # same rows: the same hashed names
-    assert Index.load(job / "index").backend == "brute"
+    assert Index.load(job / "index").engine.name == "brute"
     assert not [p for p in job.iterdir() if p.name.startswith(".")], "no lock or partial folder is left"
 
 

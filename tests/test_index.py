@@ -137,11 +137,11 @@ def test_every_engine_agrees_with_numpy_on_2000_unit_vectors(name):
 def test_faiss_picks_ivf_from_100000_rows_and_flat_below(monkeypatch):
     assert siamese.search.faiss.FAISS_IVF_MIN_ROWS == 100_000
     monkeypatch.setattr(siamese.search.faiss, "FAISS_IVF_MIN_ROWS", 1000)  # the same rule, at a size a test can afford
-    assert random_index(n=999, dim=8, engine="faiss").engine == "faiss IndexFlatIP (exact)"
+    assert random_index(n=999, dim=8, engine="faiss").engine.description == "faiss IndexFlatIP (exact)"
     index = random_index(n=1000, dim=8, engine="faiss")
-    assert index.params["type"] == "IndexIVFFlat" and index.params["nlist"] == int(4 * 1000**0.5) == 126
+    assert index.engine.params["type"] == "IndexIVFFlat" and index.engine.params["nlist"] == int(4 * 1000**0.5) == 126
     assert index.recall_at_10 >= 0.99 and index.recall["queries"] == 100
-    assert 1 <= index.params["nprobe"] <= 126
+    assert 1 <= index.engine.params["nprobe"] <= 126
 
 
 def test_ef_and_nprobe_trade_recall_for_speed_and_are_checked():
@@ -170,7 +170,7 @@ def test_ef_and_nprobe_trade_recall_for_speed_and_are_checked():
             index.kneighbors(queries, 3, **knob)
     # given at build time: the default of queries, with its recall measured
     assert random_index(n=2000, dim=64, engine=Faiss(nlist=16, nprobe=16)).recall_at_10 == 1.0
-    assert random_index(n=2000, dim=64, engine=Hnsw(ef=1)).params["ef"] == 1
+    assert random_index(n=2000, dim=64, engine=Hnsw(ef=1)).engine.params["ef"] == 1
     with pytest.raises(SiameseError, match="Expected `nprobe` only with a faiss index.*for a faiss IndexFlatIP"):
         random_index(n=50, engine=Faiss(nprobe=4))
     for make, message in ((lambda: BallTree(leaf_size=0), "Expected `leaf_size` >= 1. Received: 0"),
@@ -185,7 +185,7 @@ def test_ef_and_nprobe_trade_recall_for_speed_and_are_checked():
 def test_a_query_the_graph_cannot_answer_in_full_is_answered_exactly():
     index = random_index(n=40, dim=16, engine=Hnsw(m=2, ef_construction=2))
     queries = unit_vectors(5, 16, seed=1)
-    assert (index.search_engine.search(queries, 40, 1)[1] == -1).all()  # hnswlib found fewer than 40
+    assert (index.engine.search(queries, 40, 1)[1] == -1).all()  # hnswlib found fewer than 40
     np.testing.assert_array_equal(index.kneighbors(queries, k=40, ef=1)[1], numpy_knn(index.embeddings, queries, 40)[1])
 
 
@@ -197,10 +197,10 @@ def test_every_engine_answers_alike_after_save_and_load(tmp_path, name):
     queries = unit_vectors(50, 32, 1)
     for want, got in zip(index.kneighbors(queries, 10), loaded.kneighbors(queries, 10), strict=True):
         np.testing.assert_array_equal(got, want)
-    assert (loaded.backend, loaded.params, loaded.recall, loaded.engine) == (
-        index.backend, index.params, index.recall, index.engine)
+    assert (loaded.engine.name, loaded.engine.params, loaded.recall, loaded.engine.description) == (
+        index.engine.name, index.engine.params, index.recall, index.engine.description)
     settings = json.loads((tmp_path / "index.json").read_text())
-    assert settings["version"] == 2 and settings["engine"] == index.params
+    assert settings["version"] == 3 and settings["engine"] == {"name": index.engine.name, "params": index.engine.params}
     engine_files = sorted(p.suffix for p in tmp_path.glob("engine-*"))
     assert engine_files == {"hnsw": [".hnsw"], "faiss-flat": [".faiss"], "faiss-ivf": [".faiss"]}.get(name, [])
     if engine_files:
@@ -229,8 +229,8 @@ def test_an_index_built_from_memory_mapped_embeddings_equals_one_built_in_memory
         return
     # hnswlib links with every CPU, so two graphs (and the ef each picks) may differ a little
     knob = {"ef", "nprobe"}
-    assert {k: v for k, v in mapped.params.items() if k not in knob} == {
-        k: v for k, v in in_memory.params.items() if k not in knob}
+    assert {k: v for k, v in mapped.engine.params.items() if k not in knob} == {
+        k: v for k, v in in_memory.engine.params.items() if k not in knob}
     assert mapped.recall["queries"] == in_memory.recall["queries"] == 300 and mapped.recall_at_10 >= 0.99
     assert recall(mapped.kneighbors(queries, 10)[1], truth) >= 0.95
 
@@ -280,11 +280,26 @@ def test_an_index_of_format_version_1_still_loads(tmp_path):
     settings = json.loads((tmp_path / "index.json").read_text())
     for key in ("engine", "recall", "part"):
         del settings[key]
-    (tmp_path / "index.json").write_text(json.dumps({**settings, "version": 1, "leaf_size": 40}))
+    (tmp_path / "index.json").write_text(json.dumps({**settings, "version": 1, "backend": "balltree",
+                                                     "leaf_size": 40}))
     loaded = Index.load(tmp_path)
-    assert loaded.backend == "balltree" and loaded.params == {"leaf_size": 40} and loaded.recall_at_10 is None
+    assert loaded.engine.name == "balltree" and loaded.engine.params == {"leaf_size": 40}
+    assert loaded.recall_at_10 is None
     queries = unit_vectors(5, 16, 3)
     np.testing.assert_array_equal(loaded.kneighbors(queries, 4)[1], index.kneighbors(queries, 4)[1])
+
+
+def test_an_index_of_format_version_2_still_loads(tmp_path):
+    index = random_index(n=2000, dim=32, engine="hnsw")
+    index.save(tmp_path)
+    settings = json.loads((tmp_path / "index.json").read_text())
+    engine = settings.pop("engine")  # version 2: the name under "backend", the params under "engine"
+    (tmp_path / "index.json").write_text(json.dumps({**settings, "version": 2, "backend": engine["name"],
+                                                     "engine": engine["params"]}))
+    loaded = Index.load(tmp_path)
+    assert (loaded.engine.name, loaded.engine.params, loaded.recall) == ("hnsw", index.engine.params, index.recall)
+    queries = unit_vectors(20, 32, 3)
+    np.testing.assert_array_equal(loaded.kneighbors(queries, 10)[1], index.kneighbors(queries, 10)[1])
 
 
 def test_save_and_load_round_trip_without_pickle(tmp_path):
@@ -295,7 +310,7 @@ def test_save_and_load_round_trip_without_pickle(tmp_path):
     assert len(names) == 3 and "index.json" in names, names
     loaded = Index.load(tmp_path / "idx")
     assert (loaded.items, loaded.filenames, loaded.labels) == (index.items, index.filenames, index.labels)
-    assert loaded.backend == "balltree" and loaded.dim == 16 and len(loaded) == 500
+    assert loaded.engine.name == "balltree" and loaded.dim == 16 and len(loaded) == 500
     queries = unit_vectors(5, 16, 3)
     np.testing.assert_array_equal(loaded.kneighbors(queries, 4)[1], index.kneighbors(queries, 4)[1])
     settings = json.loads((tmp_path / "idx" / "index.json").read_text())
@@ -375,7 +390,7 @@ def test_a_pickle_in_place_of_the_embeddings_is_never_unpickled(tmp_path):
         (None, "is not an index: no index.json"),
         ("{not json", "index.json is malformed"),
         (json.dumps({"format": "other", "version": 1, "files": {"embeddings": "e", "rows": "r"}, "rows": 1, "dim": 1}),
-         "expected format siamese-index version 1 or 2, found 'other'"),
+         "expected format siamese-index version 1 to 3, found 'other'"),
     ],
 )
 def test_a_folder_that_is_not_an_index_is_refused(tmp_path, write, message):

@@ -45,7 +45,8 @@ class Tiny(Engine):
             indices.append(order)
         return np.concatenate(distances), np.concatenate(indices)
 
-    def describe(self) -> str:
+    @property
+    def description(self) -> str:
         return f"tiny (chunk {self.chunk})"
 
 
@@ -68,13 +69,15 @@ def test_a_registered_engine_builds_searches_saves_and_loads(tmp_path, tiny):
     exact = Index(vectors, *meta, engine="brute")
     for got, want in zip(index.kneighbors(queries, 5), exact.kneighbors(queries, 5), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
-    assert (index.backend, index.engine, Index(vectors, *meta, engine="argsort").engine) == (
+    other = Index(vectors, *meta, engine="argsort")
+    assert (index.engine.name, index.engine.description, other.engine.description) == (
         "tiny", "tiny (chunk 7)", "tiny (chunk 64)")
+    assert repr(index.engine).endswith("engine: tiny (chunk 7)>")
     index.save(tmp_path / "idx")
     settings = json.loads((tmp_path / "idx" / "index.json").read_text())
-    assert (settings["backend"], settings["engine"], settings["recall"]) == ("tiny", {"chunk": 7}, None)
+    assert (settings["engine"], settings["recall"]) == ({"name": "tiny", "params": {"chunk": 7}}, None)
     loaded = Index.load(tmp_path / "idx")
-    assert loaded.engine == "tiny (chunk 7)"
+    assert loaded.engine.description == "tiny (chunk 7)"
     np.testing.assert_array_equal(loaded.kneighbors(queries, 5)[1], index.kneighbors(queries, 5)[1])
 
 
@@ -88,11 +91,11 @@ def test_the_index_command_offers_a_registered_engine_and_its_settings(tmp_path,
     text = " ".join(capsys.readouterr().out.split())
     assert "tiny (numpy argsort, exact (a test's))" in text and "--tiny-chunk N" in text
     code, out, err = run_cli("index", "--keras-model", "model.keras", "--labeled-data", "data/labeled.json",
-                             "--image-dir", "data", "--no-progress", "--index", "tiny", "--tiny-chunk", "3",
+                             "--image-dir", "data", "--no-progress", "--engine", "tiny", "--tiny-chunk", "3",
                              "--output", "idx")
     assert code == 0, err
     assert "(8-d, tiny (chunk 3)) embedded by" in out
-    assert Index.load(tmp_path / "idx").params == {"chunk": 3}
+    assert Index.load(tmp_path / "idx").engine.params == {"chunk": 3}
     code, out, err = run_cli("query", "--index", "idx", "data/images/c/0.png", "--k", "1")
     assert code == 0 and "images/c/0.png" in out, err
 

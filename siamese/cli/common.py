@@ -116,9 +116,8 @@ def add_engine_args(p: argparse.ArgumentParser, inherit: bool = False) -> None:
     g = p.add_argument_group("search engine", "how the index finds neighbours, and its build settings")
     first = next(iter(ENGINES))
     names = "; ".join(f"{name} ({engine.summary})" for name, engine in ENGINES.items())
-    action = g.add_argument("--engine", default=None if inherit else first, choices=list(ENGINES),
-                            help=f"{names} (default: {'the parts' if inherit else first})")
-    deprecated(p, action, "--index")
+    g.add_argument("--engine", default=None if inherit else first, choices=list(ENGINES),
+                   help=f"{names} (default: {'the parts' if inherit else first})")
     added = set()
     for engine in ENGINES.values():
         for s in engine.settings:
@@ -143,9 +142,10 @@ def add_knob_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("approximate engines", "the query-time trade of speed for recall")
     added = set()
     for engine in ENGINES.values():
-        if engine.knob and engine.knob not in added:
-            added.add(engine.knob)
-            g.add_argument(f"--{engine.knob}", dest=f"knob_{engine.knob}", type=int, metavar="N", help=engine.knob_help)
+        if engine.knob and engine.knob.name not in added:
+            added.add(engine.knob.name)
+            g.add_argument(f"--{engine.knob.name}", dest=f"knob_{engine.knob.name}", type=int, metavar="N",
+                           help=engine.knob.help)
 
 
 def knobs(args: argparse.Namespace) -> dict:
@@ -157,8 +157,9 @@ def print_index(index, done: str, out: Path) -> None:
     """Print what an index holds, its engine, where it went and, for approximate engines, their recall."""
     from siamese.embed import shown
 
-    print(f"{done} ({index.dim}-d, {index.engine}) embedded by {shown(str(index.model.get('source')))}: {out}")
+    source = shown(str(index.model.get("source")))
+    print(f"{done} ({index.dim}-d, {index.engine.description}) embedded by {source}: {out}")
     if index.recall:
-        knob = f"--{index.search_engine.knob}"
+        knob = f"--{index.engine.knob.name}"
         print(f"Recall@10 {index.recall_at_10:.4f} on {plural(index.recall['queries'], 'held-out image')} "
               f"(target {index.recall['target']}); query with {knob} N to trade speed for recall")

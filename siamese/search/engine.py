@@ -1,4 +1,4 @@
-"""The `Engine` every search backend of `siamese.search.Index` is, and the registry of them by name.
+"""The `Engine` every search engine of `siamese.search.Index` is, and the registry of them by name.
 
 An engine is made with its build settings (`Hnsw(m=16)`), then built by the index from the (possibly
 memory-mapped) embeddings. Register a new one with `@register_engine`: `Index`, its folder format and the
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -19,25 +20,33 @@ from siamese.errors import SiameseError
 from siamese.search.kernel import squared_norms
 
 
+@dataclass(frozen=True)
+class Knob:
+    """The query-time setting of an approximate engine, which trades speed for recall: `name` (its flag, e.g.
+    "ef"), `takes` (the indexes that take it, for errors, e.g. "an hnsw index"), `help` (its flag's help) and
+    `tune_from` (the first value tried when tuning it for recall; default 1)."""
+
+    name: str
+    takes: str
+    help: str
+    tune_from: int = 1
+
+
 class Engine(ABC):
     """Nearest-neighbour search over unit vectors answering Euclidean distances.
 
     Class attributes: `name` (set by `register_engine`); `summary`, a few words for `--engine`'s help;
     `settings`, the build settings the command line shows;
     `suffix`, the file of an engine that is read back rather than rebuilt (None: rebuilt from the embeddings);
-    `knob`, the name of the query-time setting of an approximate engine (e.g. "ef"), `knob_text` which indexes
-    take it (for errors), `knob_help` its help, `tune_from` the first value tried when tuning it for recall.
-    Instances hold `params`, what index.json's "engine" records.
+    `knob`, the query-time setting of an approximate engine (a `Knob`; None for exact engines).
+    Instances hold `params`, what index.json records of the engine, and `description`, the engine in words.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     settings: ClassVar[tuple[Setting, ...]] = ()
     suffix: ClassVar[str | None] = None
-    knob: ClassVar[str | None] = None
-    knob_text: ClassVar[str] = ""
-    knob_help: ClassVar[str] = ""
-    tune_from: ClassVar[int] = 1
+    knob: ClassVar[Knob | None] = None
     target_recall: float = 0.99
     knob_default: int | None = None
     """The query-time `knob` given at build time (None: tuned for `target_recall`, see `siamese.search.tuning`)."""
@@ -78,9 +87,13 @@ class Engine(ABC):
         engine.build(embeddings, np.empty(0, np.int64), (0.5 * squared_norms(embeddings)).astype(np.float32))
         return engine
 
-    def describe(self) -> str:
-        """The engine in words, e.g. "hnsw (M 16, ef_construction 200, ef 64)" (`Index.engine`)."""
+    @property
+    def description(self) -> str:
+        """The engine in words, e.g. "hnsw (M 16, ef_construction 200, ef 64)"."""
         return self.name
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} engine: {self.description}>"
 
     def build_settings(self) -> dict:
         """The values of `settings`: what a rebuild of this engine (e.g. a merge of shard parts) keeps."""
@@ -93,15 +106,15 @@ class Engine(ABC):
 
     def check_knob(self, name: str, value: int) -> None:
         """Refuse the query-time setting `name` (e.g. "ef") if this engine does not take it, or `value` out of range."""
-        if name != self.knob or self.knob_range is None:
-            owners = [e.knob_text for e in ENGINES.values() if e.knob == name]
+        if self.knob is None or name != self.knob.name or self.knob_range is None:
+            owners = [e.knob.takes for e in ENGINES.values() if e.knob and e.knob.name == name]
             if not owners:
                 raise SiameseError(f"Expected a query-time setting among {', '.join(knobs())}. Received: {name}")
             raise SiameseError(f"Expected `{name}` only with {' or '.join(owners)}. Received: `{name}={value}` "
-                               f"for a {self.describe()} index. Fix: leave out `{name}`.")
+                               f"for a {self.description} index. Fix: leave out `{name}`.")
         low, high = self.knob_range
         if not low <= value <= high:
-            raise SiameseError(f"Expected {low} <= `{name}` <= {high} for this {self.describe()} index. "
+            raise SiameseError(f"Expected {low} <= `{name}` <= {high} for this {self.description} index. "
                                f"Received: {value}")
 
 
@@ -156,4 +169,4 @@ def make_engine(engine: str | Engine, **settings) -> Engine:
 
 def knobs() -> list[str]:
     """The query-time settings of the registered engines (e.g. ef, nprobe), once each."""
-    return list(dict.fromkeys(e.knob for e in ENGINES.values() if e.knob))
+    return list(dict.fromkeys(e.knob.name for e in ENGINES.values() if e.knob))

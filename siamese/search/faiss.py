@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from siamese.errors import SiameseError
-from siamese.search.engine import Engine, Setting, check_at_least, check_target_recall, register_engine
+from siamese.search.engine import Engine, Knob, Setting, check_at_least, check_target_recall, register_engine
 from siamese.search.kernel import by_block, squared_norms
 from siamese.search.tuning import SEED, TARGET_RECALL, rows_except
 from siamese.util import usable_cpus
@@ -31,10 +31,9 @@ class Faiss(Engine):
         TARGET_RECALL,
     )
     suffix = ".faiss"
-    knob = "nprobe"
-    knob_text = f"a faiss index of at least {FAISS_IVF_MIN_ROWS:,} rows (IVF; or built with --nlist)"
-    knob_help = ("faiss IVF: lists searched per query, up to nlist; more: better recall, slower (default: the "
-                 "index's, chosen at build time for its --target-recall)")
+    knob = Knob("nprobe", f"a faiss index of at least {FAISS_IVF_MIN_ROWS:,} rows (IVF; or built with --nlist)",
+                "faiss IVF: lists searched per query, up to nlist; more: better recall, slower (default: the "
+                "index's, chosen at build time for its --target-recall)")
 
     def __init__(self, nlist: int | None = None, nprobe: int | None = None, target_recall: float = 0.99):
         super().__init__()
@@ -108,7 +107,8 @@ class Faiss(Engine):
         squared = squared_norms(queries)[:, None] + 1 - 2 * scores.astype(np.float64)
         return np.sqrt(np.maximum(squared, 0)).astype(np.float32), indices.astype(np.int64)
 
-    def describe(self) -> str:
+    @property
+    def description(self) -> str:
         p = self.params
         if p["nlist"]:
             return f"faiss {p['type']} (nlist {p['nlist']}, nprobe {p.get('nprobe')})"

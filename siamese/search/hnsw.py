@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from siamese.search.engine import Engine, Setting, check_at_least, check_target_recall, register_engine
+from siamese.search.engine import Engine, Knob, Setting, check_at_least, check_target_recall, register_engine
 from siamese.search.kernel import by_block, take
 from siamese.search.tuning import SEED, TARGET_RECALL, rows_except
 from siamese.util import usable_cpus
@@ -29,11 +29,9 @@ class Hnsw(Engine):
         TARGET_RECALL,
     )
     suffix = ".hnsw"
-    knob = "ef"
-    knob_text = "an hnsw index"
-    knob_help = ("hnsw: candidates kept while searching; more: better recall, slower (default: the index's, chosen at "
-                 "build time for its --target-recall)")
-    tune_from = 16  # hnswlib searches with max(ef, k) anyway
+    knob = Knob("ef", "an hnsw index", "hnsw: candidates kept while searching; more: better recall, slower "
+                "(default: the index's, chosen at build time for its --target-recall)",
+                tune_from=16)  # hnswlib searches with max(ef, k) anyway
 
     def __init__(self, m: int = 16, ef_construction: int = 200, ef: int | None = None, target_recall: float = 0.99):
         super().__init__()
@@ -92,6 +90,7 @@ class Hnsw(Engine):
             return np.full((len(queries), k), np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
         return np.sqrt(np.maximum(squared, 0)), labels.astype(np.int64)
 
-    def describe(self) -> str:
+    @property
+    def description(self) -> str:
         p = self.params
         return f"hnsw (M {p['hnsw_m']}, ef_construction {p['ef_construction']}, ef {p.get('ef')})"

@@ -3,7 +3,7 @@
 Every engine answers Euclidean distances between unit vectors, so similarity = 1 - distance^2 / 2 throughout.
 An index can be built from memory-mapped embeddings (`np.load(path, mmap_mode="r")`): every pass over them then
 reads one block at a time and drops it from memory after use, so building an hnsw index holds the graph and one
-block, not the graph and the embeddings. On disk it is a folder (see `siamese.search.store`).
+block, not the graph and the embeddings. On disk it is a folder (see `siamese.search.folder`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from siamese.errors import SiameseError
-from siamese.search import store
+from siamese.search import folder
 from siamese.search.engine import Engine, make_engine
 from siamese.search.kernel import blocks, kneighbors, squared_norms
 from siamese.search.tuning import held_out, tune
@@ -47,11 +47,13 @@ class Index:
     """Nearest-neighbour search over L2-normalised embeddings, one row per image, with its metadata.
 
     `engine` is an `Engine` with its settings (e.g. `Hnsw(m=8)`) or a registered name meaning its defaults
-    (default "balltree"; see `siamese.search.ENGINES`). Approximate engines hold out a seeded sample of rows to
-    choose their query-time knob for recall (see `siamese.search.tuning`). `model` and `embedder` record which
-    network made the embeddings (see `siamese.embed`); `source` which catalog they came from; `part` which shard of
-    it (see `merge_parts`). Like scikit-learn's neighbors, `kneighbors` and `search` answer vectors; images are
-    answered by `siamese.embed.Embedder.search`, so the index never loads a model.
+    (default "balltree"; see `siamese.search.ENGINES`); the index builds a copy of it, `index.engine` (its `name`,
+    `description` and `params`). Approximate engines hold out a seeded sample of rows to choose their query-time
+    knob for recall (see `siamese.search.tuning`); `recall` is what they measured (None for exact engines).
+    `model` and `embedder` record which network made the embeddings (see `siamese.embed`); `source` which catalog
+    they came from; `part` which shard of it (see `merge_parts`). Like scikit-learn's neighbors, `kneighbors` and
+    `search` answer vectors; images are answered by `siamese.embed.Embedder.search`, so the index never loads a
+    model.
     """
 
     def __init__(
@@ -84,14 +86,33 @@ class Index:
             squared = squared_norms(embeddings)
         half_norms = (0.5 * squared).astype(np.float32)
         del squared, norms  # 12 MiB at a million rows, not kept while the engine is built
-        self._set_rows(embeddings, items, filenames, labels)
-        self._set_metadata(model, embedder, source, part)
+        self._hold(embeddings, items, filenames, labels, engine, None, model, embedder, source, part)
         held = held_out(len(embeddings)) if engine.knob else np.empty(0, np.int64)
         engine.build(embeddings, held, half_norms)
-        self.search_engine = engine
         self.recall = tune(engine, embeddings, held, half_norms)
 
-    def _set_rows(self, embeddings: np.ndarray, items, filenames, labels) -> None:
+    @classmethod
+    def from_built(
+        cls,
+        embeddings: np.ndarray,
+        items: Sequence[str],
+        filenames: Sequence[str],
+        labels: Sequence[Sequence[str]],
+        *,
+        engine: Engine,
+        recall: dict | None = None,
+        model: dict | None = None,
+        embedder: dict | None = None,
+        source: dict | None = None,
+        part: dict | None = None,
+    ) -> Index:
+        """An index of unit `embeddings` (float32) and an `engine` already built over them, as `load` reads one:
+        nothing is normalised, built or tuned; `recall` is what tuning measured. Other arguments as `Index`."""
+        index = cls.__new__(cls)
+        index._hold(embeddings, items, filenames, labels, engine, recall, model, embedder, source, part)
+        return index
+
+    def _hold(self, embeddings, items, filenames, labels, engine, recall, model, embedder, source, part) -> None:
         if not (len(items) == len(filenames) == len(labels) == embeddings.shape[0]):
             raise SiameseError(
                 f"Expected one item, filename and labels per row ({embeddings.shape[0]} rows). "
@@ -101,32 +122,17 @@ class Index:
         self.items = list(items)
         self.filenames = list(filenames)
         self.labels = [tuple(x) for x in labels]
-
-    def _set_metadata(self, model, embedder, source, part) -> None:
+        self.engine: Engine = engine
+        self.recall = recall
         self.model = model or {}
         self.embedder = embedder or {}
         self.source = source or {}
         self.part = part
 
     @property
-    def backend(self) -> str:
-        """The engine's registered name, e.g. "hnsw"."""
-        return self.search_engine.name
-
-    @property
-    def params(self) -> dict:
-        """The engine's settings as index.json records them (e.g. hnsw_m, ef_construction, ef)."""
-        return self.search_engine.params
-
-    @property
     def recall_at_10(self) -> float | None:
         """Recall@10 measured at build time with the default `ef`/`nprobe`; None for exact engines."""
         return None if self.recall is None else self.recall["recall_at_10"]
-
-    @property
-    def engine(self) -> str:
-        """The engine in words, e.g. "hnsw (M 16, ef_construction 200, ef 64)", "faiss IndexFlatIP (exact)"."""
-        return self.search_engine.describe()
 
     @classmethod
     def from_catalog(cls, catalog: Catalog, embeddings: np.ndarray, **kwargs) -> Index:
@@ -156,11 +162,11 @@ class Index:
                 "Fix: embed the queries with the model that built the index."
             )
         self._check_k(k, len(self), "image")
-        engine = self.search_engine
+        engine = self.engine
         for name, value in knob.items():
             if value is not None:
                 engine.check_knob(name, value)
-        value = knob.get(engine.knob) or self.params.get(engine.knob)
+        value = (knob.get(engine.knob.name) or engine.params.get(engine.knob.name)) if engine.knob else None
         distances, indices = engine.search(vectors, k, value)
         short = (indices < 0).any(axis=1)
         if short.any():
@@ -204,15 +210,15 @@ class Index:
         ]
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the index to `directory` (created if needed; see `siamese.search.store`) and return the folder.
+        """Write the index to `directory` (created if needed; see `siamese.search.folder`) and return the folder.
 
         The folder is written whole beside `directory` and swapped in (`atomic.replace_folder`) under its lock
         (`claim_output`), so a crash or a second run leaves the previous index whole. A folder that holds anything
         but an index of this tool, and a shard part this index was merged from, are refused.
         """
-        return store.save(self, directory)
+        return folder.save(self, directory)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Index:
         """Read an index saved by `save`, refusing anything malformed, inconsistent or modified."""
-        return store.load(cls, directory)
+        return cls.from_built(**folder.read(directory))

@@ -93,8 +93,8 @@ def merge_parts(directories: Sequence[str | os.PathLike], engine: str | Engine |
     if isinstance(engine, Engine):
         engine = make_engine(engine, **settings)  # refuses settings beside an engine
     else:
-        kind = engine_class(engine or first.backend)
-        inherited = first.search_engine.build_settings() if kind.name == first.backend else {}
+        kind = engine_class(engine or first.engine.name)
+        inherited = first.engine.build_settings() if kind.name == first.engine.name else {}
         engine = kind.from_settings({**inherited, **settings})
     items = [item for index in ordered for item in index.items]
     filenames = [f for index in ordered for f in index.filenames]
@@ -144,13 +144,13 @@ def shard_catalog(catalog: Catalog, shard: int, shards: int, batch_size: int = 6
     return catalog.slice_images(start, stop), part
 
 
-def finished_part(directory: str | os.PathLike, info: ModelInfo, part: dict, backend: str) -> bool:
+def finished_part(directory: str | os.PathLike, info: ModelInfo, part: dict, engine: str) -> bool:
     """Whether `directory` holds, whole, the shard `part` (see `shard_catalog`) embedded by the model `info`
-    with `backend`: such a shard need not be embedded again."""
+    with `engine`: such a shard need not be embedded again."""
     if not (Path(directory) / "index.json").is_file():
         return False
     try:
         index = Index.load(directory)
     except SiameseError:
         return False
-    return (index.part, index.model.get("fingerprint"), index.backend) == (part, info.fingerprint, backend)
+    return (index.part, index.model.get("fingerprint"), index.engine.name) == (part, info.fingerprint, engine)

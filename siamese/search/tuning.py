@@ -59,7 +59,7 @@ def tune(engine: Engine, embeddings: np.ndarray, held: np.ndarray, half_norms: n
     `params`, then add the held rows. With none held (under 10 rows), search exhaustively, measured on all.
     `half_norms`: the rows' |row|^2 / 2. Returns index.json's "recall" (None for an exact engine)."""
     if engine.knob_default is not None:
-        engine.check_knob(engine.knob, engine.knob_default)
+        engine.check_knob(engine.knob.name, engine.knob_default)
     if engine.knob_range is None:
         return None
     rows = len(embeddings)
@@ -68,13 +68,13 @@ def tune(engine: Engine, embeddings: np.ndarray, held: np.ndarray, half_norms: n
     half_norms = half_norms.copy()
     half_norms[held] = np.inf  # not in the engine yet: never a neighbour
     _, truth = kneighbors(embeddings, queries, k, half_norms, lean=True)
-    tried = powers_of_two(engine.tune_from, min(engine.knob_range[1], rows - len(held)))
+    tried = powers_of_two(engine.knob.tune_from, min(engine.knob_range[1], rows - len(held)))
     chosen = engine.knob_default
     for value in [chosen] if chosen is not None else tried if len(held) else tried[-1:]:
         measured = recall(embeddings, queries, truth, engine.search(queries, k, value)[1])
         if measured >= engine.target_recall:
             break
-    engine.params[engine.knob] = value
+    engine.params[engine.knob.name] = value
     engine.add(embeddings, held)
     return {"recall_at_10": measured, "k": k, "queries": len(queries), "held_out": bool(len(held)), "seed": SEED,
             "target": engine.target_recall}

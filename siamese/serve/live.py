@@ -51,7 +51,7 @@ class Served:
 
     def info(self) -> dict:
         labels = sorted(self.labels)
-        return {"engine": self.index.engine, "rows": len(self.index), "items": len(self.rows_of_item),
+        return {"engine": self.index.engine.description, "rows": len(self.index), "items": len(self.rows_of_item),
                 "dim": self.index.dim, "model": {k: self.index.model.get(k) for k in ("source", "fingerprint")},
                 "recall_at_10": self.index.recall_at_10, "image_size": self.batcher.image_size, "labels": labels}
 

@@ -1,6 +1,7 @@
 """The on-disk format of an index: a folder, never a pickle (loading a pickle runs code).
 
-    index.json              settings, counts, recall, the model's fingerprint, names and SHA-256 of the files below
+    index.json              the engine (name, params), counts, recall, the model's fingerprint, names and SHA-256
+                            of the files below
     embeddings-<hash>.npy   float32 (rows, dim), L2-normalised: with the rows, the source of truth
     rows-<hash>.json        {"items": [...], "filenames": [...], "labels": [[...], ...]}
     engine-<hash><suffix>   engines with a file only (`Engine.suffix`): hnsw's graph in hnswlib's own format
@@ -10,7 +11,9 @@
 without a file (balltree, brute) are rebuilt on load; the others are read back. Loading checks every shape, type,
 value and hash before using anything, and that the engine file holds as many rows of as many dimensions as the
 embeddings. The embeddings are then memory-mapped read-only, so an hnsw or faiss index does not hold them twice in
-memory. Folders written before the approximate backends (format version 1) still load.
+memory. Folders of every earlier format version still load (see `FORMAT_VERSION`).
+
+`save` reads an `Index`; `read` returns what `Index.from_built` takes, so this module never imports `Index`.
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ from siamese.search.kernel import save_npy, squared_norms
 from siamese.util import utc_now
 
 if TYPE_CHECKING:
-    from siamese.search.index import Index
+    from siamese.search.index import Index  # save reads one; nothing here builds one
 
 FORMAT = "siamese-index"
-FORMAT_VERSION = 2
-"""Version 2 added approximate engines, recall and shard parts; version 1 folders (balltree, brute) still load."""
+FORMAT_VERSION = 3
+"""Version 3 keeps the engine as {"name", "params"}; version 2 (approximate engines, recall and shard parts) kept
+the name under "backend" and the params under "engine"; version 1 (balltree, brute) its leaf size at the top
+level. All three load."""
 NORM_TOLERANCE = 1e-3
 EMBEDDER_KEYS = frozenset({"keras_model", "backbone", "weights", "image_size"})
 """What index.json's embedder may hold: the keyword arguments of `siamese.embed.Embedder.load` (its `recipe`)."""
@@ -62,14 +67,13 @@ def save(index: Index, directory: str | os.PathLike) -> Path:
             **write_hashed(new, "rows", ".json", write_rows),
             **write_hashed(new, "embeddings", ".npy", lambda path: save_npy(path, index.embeddings)),
         }
-        engine = index.search_engine
+        engine = index.engine
         if engine.suffix:
             files.update(write_hashed(new, "engine", engine.suffix, engine.write))
         settings = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
-            "backend": index.backend,
-            "engine": index.params,
+            "engine": {"name": engine.name, "params": engine.params},
             "recall": index.recall,
             "rows": len(index),
             "dim": index.dim,
@@ -85,8 +89,9 @@ def save(index: Index, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def load(cls: type[Index], directory: str | os.PathLike) -> Index:
-    """Read an index saved by `save`, refusing anything malformed, inconsistent or modified."""
+def read(directory: str | os.PathLike) -> dict:
+    """The keyword arguments of `Index.from_built` for the index saved in `directory` by `save`, refusing anything
+    malformed, inconsistent or modified."""
     directory = Path(directory)
     settings_path = directory / "index.json"
     if not settings_path.is_file():
@@ -101,21 +106,19 @@ def load(cls: type[Index], directory: str | os.PathLike) -> Index:
         found = (settings.get("format"), settings.get("version"))
     except (ValueError, AttributeError) as e:
         raise refuse(f"index.json is malformed ({type(e).__name__}: {e})") from None
-    if found[0] != FORMAT or found[1] not in (1, FORMAT_VERSION):
-        raise refuse(f"expected format {FORMAT} version 1 or {FORMAT_VERSION}, found {found[0]!r} version "
+    if found[0] != FORMAT or found[1] not in range(1, FORMAT_VERSION + 1):
+        raise refuse(f"expected format {FORMAT} version 1 to {FORMAT_VERSION}, found {found[0]!r} version "
                      f"{found[1]!r}")
     try:
         files = settings["files"]
         embeddings_path = directory / Path(files["embeddings"]).name
         rows_path = directory / Path(files["rows"]).name
         rows_count, dim = int(settings["rows"]), int(settings["dim"])
-        backend = settings["backend"]
-        # version 1 kept the BallTree's leaf size at the top level and had no other engine settings
-        params = dict(settings["engine"]) if found[1] == 2 else {"leaf_size": settings["leaf_size"]}
-    except (ValueError, KeyError, TypeError) as e:
+        name, params = engine_of(settings, found[1])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise refuse(f"index.json is malformed ({type(e).__name__}: {e})") from None
-    if not isinstance(backend, str) or backend not in ENGINES:
-        raise refuse(f"expected a backend of {', '.join(ENGINES)}, found {backend!r}")
+    if not isinstance(name, str) or name not in ENGINES:
+        raise refuse(f"expected an engine of {', '.join(ENGINES)}, found {name!r}")
     embeddings = check_embeddings(embeddings_path, rows_count, dim, files.get("embeddings_sha256"), refuse)
     try:
         data = rows_path.read_bytes()
@@ -135,12 +138,9 @@ def load(cls: type[Index], directory: str | os.PathLike) -> Index:
     if set(settings.get("embedder") or {}) - EMBEDDER_KEYS:
         raise refuse(f"expected an embedder with keys among {', '.join(sorted(EMBEDDER_KEYS))}, found "
                      f"{sorted(settings['embedder'])}")
-    index = cls.__new__(cls)
-    index._set_rows(embeddings, items, filenames, labels)
-    del rows, items, filenames, labels  # the JSON's lists of labels: 64 MiB at a million rows
-    index._set_metadata(settings.get("model"), settings.get("embedder"), settings.get("source"), settings.get("part"))
-    index.recall = settings.get("recall")
-    kind = ENGINES[backend]
+    labels = [tuple(x) for x in labels]  # before the engine is read: the JSON's lists are 64 MiB at a million rows
+    del rows
+    kind = ENGINES[name]
     if kind.suffix:
         engine_path = directory / Path(str(files.get("engine"))).name
         if not engine_path.is_file() or sha256_of(engine_path) != files.get("engine_sha256"):
@@ -155,10 +155,20 @@ def load(cls: type[Index], directory: str | os.PathLike) -> Index:
             engine = kind.read(None, embeddings, params)
         except (ValueError, TypeError, SiameseError) as e:
             raise refuse(str(e)) from None
-    if index.recall:  # what a rebuild (a merge of parts) keeps
-        engine.target_recall = index.recall["target"]
-    index.search_engine = engine
-    return index
+    recall = settings.get("recall")
+    if recall:  # what a rebuild (a merge of parts) keeps
+        engine.target_recall = recall["target"]
+    return {"embeddings": embeddings, "items": items, "filenames": filenames, "labels": labels, "engine": engine,
+            "recall": recall, **{key: settings.get(key) for key in ("model", "embedder", "source", "part")}}
+
+
+def engine_of(settings: dict, version: int) -> tuple[object, dict]:
+    """(name, params) of the engine index.json `settings` of format `version` record."""
+    if version >= 3:
+        return settings["engine"]["name"], dict(settings["engine"]["params"])
+    if version == 2:
+        return settings["backend"], dict(settings["engine"])
+    return settings["backend"], {"leaf_size": settings["leaf_size"]}
 
 
 def sha256_of(path: Path) -> str:
