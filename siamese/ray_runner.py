@@ -105,10 +105,15 @@ def connect(address: str | None = None) -> Callable[[], None] | None:
     try:
         local = {"include_dashboard": False} if address == "local" else {}
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, **local)
-    except ConnectionError as e:
-        raise SiameseError(f"Expected a Ray cluster at {address}. Received: {e}. Fix: start it with `ray start "
-                           "--head` (and `ray start --address=HEAD:6379` on the other machines), or unset "
-                           "RAY_ADDRESS to start a local Ray.") from None
+    except BaseException as e:
+        if reaper is not None:  # whatever Ray started goes now, not when this process ends
+            reaper.stdin.close()
+            reaper.wait()
+        if isinstance(e, ConnectionError):
+            raise SiameseError(f"Expected a Ray cluster at {address}. Received: {e}. Fix: start it with `ray start "
+                               "--head` (and `ray start --address=HEAD:6379` on the other machines), or unset "
+                               "RAY_ADDRESS to start a local Ray.") from None
+        raise
     finally:
         if reaper is not None:
             if saved is None:
