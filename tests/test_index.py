@@ -3,12 +3,16 @@ format, refusal of anything tampered."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
+import shutil
+from pathlib import Path
 
 import keras
 import numpy as np
+import pyarrow as pa
 import pytest
 
 import siamese.search.faiss
@@ -19,6 +23,7 @@ from siamese.errors import SiameseError
 from siamese.index import Index
 from siamese.models import build_embedding
 from siamese.search import BallTree, Brute, Engine, Faiss, Hnsw
+from siamese.search.rows import Rows
 from tests.conftest import solid_catalog
 
 
@@ -274,14 +279,31 @@ def test_building_hnsw_from_a_memory_map_holds_a_block_of_it_not_all(tmp_path):
     assert peaks["in_memory"] - peaks["mapped"] > 0.75 * 64, peaks
 
 
+def as_version_2(folder: Path) -> None:
+    """Rewrite the index `folder` as format version 2 wrote it: the rows in JSON, the engine's name under "backend"
+    and its params under "engine"."""
+    settings = json.loads((folder / "index.json").read_text())
+    arrow = folder / settings["files"]["rows"]
+    rows = Rows.open(arrow)
+    data = json.dumps({"items": list(rows.items), "filenames": list(rows.filenames),
+                       "labels": [list(x) for x in rows.labels]}).encode()
+    arrow.unlink()
+    digest = hashlib.sha256(data).hexdigest()
+    (folder / f"rows-{digest[:16]}.json").write_bytes(data)
+    settings["files"].update(rows=f"rows-{digest[:16]}.json", rows_sha256=digest)
+    engine = settings.pop("engine")
+    settings.update(version=2, backend=engine["name"], engine=engine["params"])
+    (folder / "index.json").write_text(json.dumps(settings))
+
+
 def test_an_index_of_format_version_1_still_loads(tmp_path):
     index = random_index(engine="balltree")
     index.save(tmp_path)
+    as_version_2(tmp_path)
     settings = json.loads((tmp_path / "index.json").read_text())
     for key in ("engine", "recall", "part"):
         del settings[key]
-    (tmp_path / "index.json").write_text(json.dumps({**settings, "version": 1, "backend": "balltree",
-                                                     "leaf_size": 40}))
+    (tmp_path / "index.json").write_text(json.dumps({**settings, "version": 1, "leaf_size": 40}))
     loaded = Index.load(tmp_path)
     assert loaded.engine.name == "balltree" and loaded.engine.params == {"leaf_size": 40}
     assert loaded.recall_at_10 is None
@@ -289,17 +311,57 @@ def test_an_index_of_format_version_1_still_loads(tmp_path):
     np.testing.assert_array_equal(loaded.kneighbors(queries, 4)[1], index.kneighbors(queries, 4)[1])
 
 
-def test_an_index_of_format_version_2_still_loads(tmp_path):
-    index = random_index(n=2000, dim=32, engine="hnsw")
-    index.save(tmp_path)
-    settings = json.loads((tmp_path / "index.json").read_text())
-    engine = settings.pop("engine")  # version 2: the name under "backend", the params under "engine"
-    (tmp_path / "index.json").write_text(json.dumps({**settings, "version": 2, "backend": engine["name"],
-                                                     "engine": engine["params"]}))
-    loaded = Index.load(tmp_path)
-    assert (loaded.engine.name, loaded.engine.params, loaded.recall) == ("hnsw", index.engine.params, index.recall)
+def test_an_index_of_format_version_2_with_json_rows_answers_as_the_arrow_rows_do(tmp_path):
+    labels = [("red", "big") if i % 3 else () for i in range(2000)]
+    vectors = unit_vectors(2000, 32, 0)
+    index = Index(vectors, [f"item{i % 70}" for i in range(2000)], [f"images/{i}.png" for i in range(2000)], labels,
+                  engine="hnsw")
+    index.save(tmp_path / "new")
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    as_version_2(tmp_path / "old")
+    assert sorted(p.suffix for p in (tmp_path / "new").glob("rows-*")) == [".arrow"]
+    assert sorted(p.suffix for p in (tmp_path / "old").glob("rows-*")) == [".json"]
+    new, old = Index.load(tmp_path / "new"), Index.load(tmp_path / "old")
+    assert (old.engine.name, old.engine.params, old.recall) == ("hnsw", index.engine.params, index.recall)
+    assert (new.items, new.filenames, new.labels) == (old.items, old.filenames, old.labels) == (
+        index.items, index.filenames, labels)
     queries = unit_vectors(20, 32, 3)
-    np.testing.assert_array_equal(loaded.kneighbors(queries, 10)[1], index.kneighbors(queries, 10)[1])
+    for kwargs in ({"k": 10}, {"k": 5, "by_item": True}, {"k": 5, "label": "red"}):
+        answers = [[[m.to_dict() for m in matches] for matches in i.search(queries, **kwargs)] for i in (new, old)]
+        assert answers[0] == answers[1], kwargs
+    assert new.search(queries[:1], k=1)[0][0].labels in {("red", "big"), ()}
+
+
+def test_the_rows_are_memory_mapped_and_read_by_position(tmp_path):
+    index = random_index(n=3000, items=300)
+    index.save(tmp_path)
+    loaded = Index.load(tmp_path)
+    if Path("/proc/self/maps").exists():  # Linux: the file is mapped, not read into the heap
+        rows_file = tmp_path / json.loads((tmp_path / "index.json").read_text())["files"]["rows"]
+        assert str(rows_file) in Path("/proc/self/maps").read_text()
+    assert loaded.rows.take(np.array([2999, 0, 5])) == [
+        (index.items[r], index.filenames[r], index.labels[r]) for r in (2999, 0, 5)]
+    assert (loaded.items[-1], loaded.items[2:4], len(loaded.items)) == (index.items[2999], index.items[2:4], 3000)
+    with pytest.raises(IndexError, match="row 3000 of 3000"):
+        loaded.items[3000]
+
+
+@pytest.mark.parametrize(("write", "message"), [
+    (lambda p: p.write_bytes(b"not an arrow file"),
+     r"rows-.*\.arrow is unreadable \(ArrowInvalid: .*\)\. Fix: rebuild"),
+    (lambda p: Rows.from_lists(["a"] * 499, ["a.png"] * 499, [()] * 499).write(p),
+     r"rows-.*\.arrow holds 499 rows, not the 500 that index.json records"),
+    (lambda p: pa.ipc.new_file(str(p), pa.schema([("item", pa.int64())])).close(), r"expected the columns item"),
+])
+def test_a_rows_file_of_other_rows_is_refused_even_with_its_hash(tmp_path, write, message):
+    random_index().save(tmp_path)
+    settings = json.loads((tmp_path / "index.json").read_text())
+    path = tmp_path / settings["files"]["rows"]
+    write(path)
+    settings["files"]["rows_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (tmp_path / "index.json").write_text(json.dumps(settings))
+    with pytest.raises(SiameseError, match=message):
+        Index.load(tmp_path)
 
 
 def test_save_and_load_round_trip_without_pickle(tmp_path):
@@ -326,8 +388,8 @@ def tamper(directory, name, change):
 @pytest.mark.parametrize(
     ("name", "change", "message"),
     [
-        ("rows", lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "items": ["a"] * 499})),
-         r"does not have one item, filename and labels list per row \(500\)"),
+        ("rows", lambda p: Rows.from_lists(["a"] * 499, ["a.png"] * 499, [()] * 499).write(p),
+         r"rows-.*\.arrow was modified after the index was written"),
         ("embeddings", lambda p: np.save(p, np.full((500, 16), np.nan, np.float32)), "NaN or infinite"),
         ("embeddings", lambda p: np.save(p, np.ones((499, 16), np.float32) / 4), r"shape \(500, 16\).*\(499, 16\)"),
         ("embeddings", lambda p: np.save(p, np.ones((500, 16), np.float64) / 4), "float32"),

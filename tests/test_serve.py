@@ -21,6 +21,7 @@ from servers import digits_index
 
 from siamese.errors import SiameseError
 from siamese.search import Index
+from siamese.search.rows import Rows
 from siamese.serve import create_app, serve
 
 
@@ -158,9 +159,9 @@ def test_unknown_items_rows_and_thumbnail_sizes(client):
 def test_an_indexed_file_outside_the_image_folder_is_not_served(served):
     index_dir = served[0]
     moved = Index.load(index_dir)
-    moved.filenames = ["../" * 12 + "etc/hostname", *moved.filenames[1:]]
+    rows = Rows.from_lists(moved.items, ["../" * 12 + "etc/hostname", *moved.filenames[1:]], moved.labels)
     with TestClient(create_app(index_dir, watch_seconds=0)) as c:
-        c.app.state.live.current.index.filenames = moved.filenames
+        c.app.state.live.current.index.rows = rows
         response = c.get("/images/0")
     assert response.status_code == 404 and "is not a file inside the index's image folder" in response.text
 

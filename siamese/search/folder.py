@@ -3,7 +3,8 @@
     index.json              the engine (name, params), counts, recall, the model's fingerprint, names and SHA-256
                             of the files below
     embeddings-<hash>.npy   float32 (rows, dim), L2-normalised: with the rows, the source of truth
-    rows-<hash>.json        {"items": [...], "filenames": [...], "labels": [[...], ...]}
+    rows-<hash>.arrow       item, filename and labels of each row: an uncompressed Arrow IPC file, memory-mapped
+                            on load (`siamese.search.rows`); before version 3, rows-<hash>.json
     engine-<hash><suffix>   engines with a file only (`Engine.suffix`): hnsw's graph in hnswlib's own format
                             (.hnsw, `save_index`), faiss's index in FAISS's own format (.faiss, `write_index`)
 
@@ -32,6 +33,7 @@ from siamese import __version__, atomic
 from siamese.errors import SiameseError
 from siamese.search.engine import ENGINES
 from siamese.search.kernel import save_npy, squared_norms
+from siamese.search.rows import Rows
 from siamese.util import utc_now
 
 if TYPE_CHECKING:
@@ -39,9 +41,9 @@ if TYPE_CHECKING:
 
 FORMAT = "siamese-index"
 FORMAT_VERSION = 3
-"""Version 3 keeps the engine as {"name", "params"}; version 2 (approximate engines, recall and shard parts) kept
-the name under "backend" and the params under "engine"; version 1 (balltree, brute) its leaf size at the top
-level. All three load."""
+"""Version 3 keeps the engine as {"name", "params"} and the rows in Arrow; version 2 (approximate engines, recall
+and shard parts) kept the engine's name under "backend", its params under "engine" and the rows in JSON; version 1
+(balltree, brute) its leaf size at the top level. All three load."""
 NORM_TOLERANCE = 1e-3
 EMBEDDER_KEYS = frozenset({"keras_model", "backbone", "weights", "image_size"})
 """What index.json's embedder may hold: the keyword arguments of `siamese.embed.Embedder.load` (its `recipe`)."""
@@ -56,15 +58,9 @@ def save(index: Index, directory: str | os.PathLike) -> Path:
     """
     directory = Path(directory)
     refuse_part_output(directory, (index.source or {}).get("parts", []))
-    rows = {"items": index.items, "filenames": index.filenames, "labels": index.labels}  # tuples: JSON arrays
-
-    def write_rows(path: Path) -> None:  # streamed: a million rows make 50 MiB of JSON text
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(rows, f, ensure_ascii=False)
-
     with claim_output(directory), atomic.replace_folder(directory) as new:
         files = {
-            **write_hashed(new, "rows", ".json", write_rows),
+            **write_hashed(new, "rows", ".arrow", index.rows.write),
             **write_hashed(new, "embeddings", ".npy", lambda path: save_npy(path, index.embeddings)),
         }
         engine = index.engine
@@ -120,26 +116,13 @@ def read(directory: str | os.PathLike) -> dict:
     if not isinstance(name, str) or name not in ENGINES:
         raise refuse(f"expected an engine of {', '.join(ENGINES)}, found {name!r}")
     embeddings = check_embeddings(embeddings_path, rows_count, dim, files.get("embeddings_sha256"), refuse)
-    try:
-        data = rows_path.read_bytes()
-        rows_sha256 = hashlib.sha256(data).hexdigest()
-        rows = json.loads(data)
-        del data
-        items, filenames, labels = rows["items"], rows["filenames"], rows["labels"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise refuse(f"{rows_path.name} is unreadable ({type(e).__name__}: {e})") from None
-    if not all(isinstance(x, list) and len(x) == rows_count for x in (items, filenames, labels)):
-        raise refuse(f"{rows_path.name} does not have one item, filename and labels list per row ({rows_count})")
-    if rows_sha256 != files.get("rows_sha256"):
-        raise refuse(f"{rows_path.name} was modified after the index was written (SHA-256 mismatch)")
+    rows = read_rows(rows_path, rows_count, files.get("rows_sha256"), refuse)
     for key in ("model", "embedder", "source", "part", "recall"):
         if not isinstance(settings.get(key), dict | None):
             raise refuse(f"expected {key} to be an object or null, found {settings[key]!r:.80}")
     if set(settings.get("embedder") or {}) - EMBEDDER_KEYS:
         raise refuse(f"expected an embedder with keys among {', '.join(sorted(EMBEDDER_KEYS))}, found "
                      f"{sorted(settings['embedder'])}")
-    labels = [tuple(x) for x in labels]  # before the engine is read: the JSON's lists are 64 MiB at a million rows
-    del rows
     kind = ENGINES[name]
     if kind.suffix:
         engine_path = directory / Path(str(files.get("engine"))).name
@@ -158,8 +141,30 @@ def read(directory: str | os.PathLike) -> dict:
     recall = settings.get("recall")
     if recall:  # what a rebuild (a merge of parts) keeps
         engine.target_recall = recall["target"]
-    return {"embeddings": embeddings, "items": items, "filenames": filenames, "labels": labels, "engine": engine,
-            "recall": recall, **{key: settings.get(key) for key in ("model", "embedder", "source", "part")}}
+    return {"embeddings": embeddings, "rows": rows, "engine": engine, "recall": recall,
+            **{key: settings.get(key) for key in ("model", "embedder", "source", "part")}}
+
+
+def read_rows(path: Path, count: int, sha256: str | None, refuse: Callable[[str], SiameseError]) -> Rows:
+    """The `count` rows of the Arrow file at `path` (memory-mapped), or of the JSON of format versions 1 and 2, after
+    checking the file's SHA-256 before anything parses it."""
+    try:
+        if sha256_of(path) != sha256:
+            raise refuse(f"{path.name} was modified after the index was written (SHA-256 mismatch)")
+        if path.suffix == ".json":
+            with open(path, "rb") as f:
+                data = json.load(f)
+            parts = data["items"], data["filenames"], data["labels"]
+            if not all(isinstance(x, list) and len(x) == count for x in parts):
+                raise refuse(f"{path.name} does not have one item, filename and labels list per row ({count})")
+            rows = Rows.from_lists(*parts)
+        else:
+            rows = Rows.open(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise refuse(f"{path.name} is unreadable ({type(e).__name__}: {e})") from None
+    if len(rows) != count:
+        raise refuse(f"{path.name} holds {len(rows)} rows, not the {count} that index.json records")
+    return rows
 
 
 def engine_of(settings: dict, version: int) -> tuple[object, dict]:

@@ -21,6 +21,7 @@ from siamese.errors import SiameseError
 from siamese.search import folder
 from siamese.search.engine import Engine, make_engine
 from siamese.search.kernel import blocks, kneighbors, squared_norms
+from siamese.search.rows import Column, Rows
 from siamese.search.tuning import held_out, tune
 from siamese.util import plural
 
@@ -86,7 +87,12 @@ class Index:
             squared = squared_norms(embeddings)
         half_norms = (0.5 * squared).astype(np.float32)
         del squared, norms  # 12 MiB at a million rows, not kept while the engine is built
-        self._hold(embeddings, items, filenames, labels, engine, None, model, embedder, source, part)
+        if not (len(items) == len(filenames) == len(labels) == embeddings.shape[0]):
+            raise SiameseError(
+                f"Expected one item, filename and labels per row ({embeddings.shape[0]} rows). "
+                f"Received: {len(items)} items, {len(filenames)} filenames, {len(labels)} labels"
+            )
+        self._hold(embeddings, Rows.from_lists(items, filenames, labels), engine, None, model, embedder, source, part)
         held = held_out(len(embeddings)) if engine.knob else np.empty(0, np.int64)
         engine.build(embeddings, held, half_norms)
         self.recall = tune(engine, embeddings, held, half_norms)
@@ -95,9 +101,7 @@ class Index:
     def from_built(
         cls,
         embeddings: np.ndarray,
-        items: Sequence[str],
-        filenames: Sequence[str],
-        labels: Sequence[Sequence[str]],
+        rows: Rows,
         *,
         engine: Engine,
         recall: dict | None = None,
@@ -106,28 +110,40 @@ class Index:
         source: dict | None = None,
         part: dict | None = None,
     ) -> Index:
-        """An index of unit `embeddings` (float32) and an `engine` already built over them, as `load` reads one:
-        nothing is normalised, built or tuned; `recall` is what tuning measured. Other arguments as `Index`."""
+        """An index of unit `embeddings` (float32), their `rows` (`siamese.search.rows.Rows`) and an `engine`
+        already built over them, as `load` reads one: nothing is normalised, built or tuned; `recall` is what tuning
+        measured. Other arguments as `Index`."""
         index = cls.__new__(cls)
-        index._hold(embeddings, items, filenames, labels, engine, recall, model, embedder, source, part)
+        index._hold(embeddings, rows, engine, recall, model, embedder, source, part)
         return index
 
-    def _hold(self, embeddings, items, filenames, labels, engine, recall, model, embedder, source, part) -> None:
-        if not (len(items) == len(filenames) == len(labels) == embeddings.shape[0]):
-            raise SiameseError(
-                f"Expected one item, filename and labels per row ({embeddings.shape[0]} rows). "
-                f"Received: {len(items)} items, {len(filenames)} filenames, {len(labels)} labels"
-            )
+    def _hold(self, embeddings, rows, engine, recall, model, embedder, source, part) -> None:
+        if len(rows) != embeddings.shape[0]:
+            raise SiameseError(f"Expected one item, filename and labels per row ({embeddings.shape[0]} rows). "
+                               f"Received: {len(rows)} rows")
         self.embeddings = embeddings
-        self.items = list(items)
-        self.filenames = list(filenames)
-        self.labels = [tuple(x) for x in labels]
+        self.rows = rows
         self.engine: Engine = engine
         self.recall = recall
         self.model = model or {}
         self.embedder = embedder or {}
         self.source = source or {}
         self.part = part
+
+    @property
+    def items(self) -> Column:
+        """The item of each row (a read-only sequence over `rows`)."""
+        return self.rows.items
+
+    @property
+    def filenames(self) -> Column:
+        """The image file of each row, relative to the catalog's folder."""
+        return self.rows.filenames
+
+    @property
+    def labels(self) -> Column:
+        """The labels of each row's item, a tuple each."""
+        return self.rows.labels
 
     @property
     def recall_at_10(self) -> float | None:
@@ -180,7 +196,7 @@ class Index:
         if not by_item and label is None:
             return [self._matches(d, i) for d, i in zip(*self.kneighbors(vectors, k, **knob), strict=True)]
         if by_item:
-            self._check_k(k, len(set(self.items)), "item")
+            self._check_k(k, self.rows.distinct_items(), "item")
         else:
             self._check_k(k, len(self), "image")
         results = []
@@ -204,9 +220,10 @@ class Index:
             raise SiameseError(f"Expected 1 <= `k` <= {most} (the index holds {plural(most, of)}). Received: {k}")
 
     def _matches(self, distances: np.ndarray, indices: np.ndarray) -> list[Match]:
+        taken = self.rows.take(indices)
         return [
-            Match(int(i), self.items[i], self.filenames[i], self.labels[i], float(d), float(1 - d * d / 2))
-            for d, i in zip(distances, indices, strict=True)
+            Match(int(i), item, filename, labels, float(d), float(1 - d * d / 2))
+            for d, i, (item, filename, labels) in zip(distances, indices, taken, strict=True)
         ]
 
     def save(self, directory: str | os.PathLike) -> Path:

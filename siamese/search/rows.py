@@ -1,0 +1,120 @@
+"""The rows of an index (item, filename and labels of each image) as an Arrow table, memory-mapped from the index's
+`rows-<hash>.arrow` (an uncompressed Arrow IPC file) when loaded: a query reads its k rows by position, and no
+Python object is made per indexed row. `Rows.items`, `.filenames` and `.labels` are read-only sequences over it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+CHUNK_ROWS = 1 << 20
+"""Rows per record batch of the file: a batch's string offsets are 32-bit, so it holds up to 2 GiB of text."""
+
+
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([("item", pa.string()), ("filename", pa.string()), ("labels", pa.list_(pa.string()))])
+
+
+class Column(Sequence):
+    """One column of `Rows`, read by position: `column[i]`, `len`, iteration a record batch at a time, and `==`
+    another sequence of the same values (a list, a tuple, another column)."""
+
+    def __init__(self, array, convert=None):
+        self._array, self._convert = array, convert
+
+    def __len__(self) -> int:
+        return len(self._array)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"row {i} of {len(self)}")
+        value = self._array[int(i)].as_py()
+        return self._convert(value) if self._convert else value
+
+    def __iter__(self) -> Iterator:
+        for chunk in self._array.chunks:
+            values = chunk.to_pylist()
+            yield from map(self._convert, values) if self._convert else values
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and not isinstance(other, str) and list(self) == list(other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"<Column of {len(self)} rows>"
+
+
+class Rows:
+    """The item, filename and labels of every row of an index, in an Arrow table (`table`)."""
+
+    def __init__(self, table):
+        if table.schema != _schema():
+            raise ValueError(f"expected the columns {_schema()}, found {table.schema}")
+        self.table = table
+
+    @classmethod
+    def from_lists(cls, items: Sequence[str], filenames: Sequence[str], labels: Sequence[Sequence[str]]) -> Rows:
+        """Rows of one item, filename and labels each (ValueError when the lengths differ)."""
+        import pyarrow as pa
+
+        if not len(items) == len(filenames) == len(labels):
+            raise ValueError(f"{len(items)} items, {len(filenames)} filenames, {len(labels)} labels")
+        arrays = [pa.array(list(items), pa.string()), pa.array(list(filenames), pa.string()),
+                  pa.array([list(x) for x in labels], pa.list_(pa.string()))]
+        return cls(pa.Table.from_arrays(arrays, schema=_schema()))
+
+    @classmethod
+    def concat(cls, parts: Sequence[Rows]) -> Rows:
+        """The rows of `parts`, one after another (no copy)."""
+        import pyarrow as pa
+
+        return cls(pa.concat_tables([p.table for p in parts]))
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Rows:
+        """The rows of the Arrow IPC file `path`, memory-mapped (pyarrow's errors when it is not one of rows)."""
+        import pyarrow as pa
+
+        # zero-copy: the table's buffers are the mapped file's pages, which they keep mapped
+        return cls(pa.ipc.open_file(pa.memory_map(str(path))).read_all())
+
+    def write(self, path: str | os.PathLike) -> None:
+        """Write the rows to `path` as an uncompressed Arrow IPC file of CHUNK_ROWS-row record batches."""
+        import pyarrow as pa
+
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, _schema()) as writer:
+            writer.write_table(self.table, max_chunksize=CHUNK_ROWS)
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def items(self) -> Column:
+        return Column(self.table.column("item"))
+
+    @property
+    def filenames(self) -> Column:
+        return Column(self.table.column("filename"))
+
+    @property
+    def labels(self) -> Column:
+        return Column(self.table.column("labels"), tuple)
+
+    def take(self, positions: np.ndarray) -> list[tuple[str, str, tuple[str, ...]]]:
+        """(item, filename, labels) of the rows at `positions`, in their order."""
+        taken = self.table.take(np.asarray(positions, np.int64)).to_pydict()
+        return list(zip(taken["item"], taken["filename"], map(tuple, taken["labels"]), strict=True))
+
+    def distinct_items(self) -> int:
+        import pyarrow.compute as pc
+
+        return pc.count_distinct(self.table.column("item")).as_py()
