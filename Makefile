@@ -72,7 +72,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	@scripts/debian-packages.sh $(TEST_PACKAGES)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=10
 
 serve: $(STAMP)
 	$(BIN)/python utilities.py serve --index $(INDEX) --port $(SERVE_PORT)
