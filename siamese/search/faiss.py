@@ -1,8 +1,11 @@
 """FAISS on inner products of unit vectors: exact `IndexFlatIP` below FAISS_IVF_MIN_ROWS rows, approximate
-`IndexIVFFlat` above; written to and read back from its own file."""
+`IndexIVFFlat` above; or, under a memory budget (`max_memory`), the FAISS index that budget holds
+(`choose_index_key`: flat, HNSW, IVF-Flat, or OPQ + IVF + PQ codes). Written to and read back from its own file."""
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,134 @@ from siamese.search.tuning import SEED, TARGET_RECALL, rows_except
 from siamese.util import usable_cpus
 
 FAISS_IVF_MIN_ROWS = 100_000
-"""A faiss index of fewer rows is exact (`IndexFlatIP`); of more, `IndexIVFFlat` with 4 sqrt(rows) lists."""
+"""A faiss index of fewer rows is exact (`IndexFlatIP`); of more, `IndexIVFFlat` with 4 sqrt(rows) lists. Under a
+budget, fewer rows are exact if their flat index fits; more are never searched exhaustively (HNSW, IVF or PQ)."""
+
+# The budget's choice of index follows autofaiss's get_optimal_index_keys_v2 (criteo/autofaiss, external/optimize.py):
+# flat for few rows, else HNSW if its graph fits, else IVF-Flat, else OPQ + IVF + PQ codes of the most bytes that fit.
+HEADROOM = 1.1
+"""An index fits a budget if HEADROOM times its estimated size does: FAISS's lists grow while rows are added, and
+the allocator keeps some. (The estimates match the size of the written index, which read_index loads, within 1%.)"""
+HNSW_M = (32, 8)
+"""Links per row of an HNSW index under a budget: the most that fit, at most 32; fewer than 8 is not tried."""
+PQ_M = (256, 128, 64, 48, 32, 24, 16, 8, 4)
+"""Bytes per row (sub-quantizers of 8 bits) of a PQ index, the most that fit; autofaiss's list."""
+PQ_MIN_ROWS = 39 * 256
+"""Fewest rows a PQ index is built of: FAISS trains each sub-quantizer's 256 centroids on at least 39 rows apiece."""
+LIST_MIN_ROWS = 39
+"""Fewest rows per list of an IVF index under a budget (FAISS's k-means warns with fewer)."""
+HNSW_QUANTIZER_LISTS = 1000
+"""IVF lists from which a PQ index finds the lists to probe by an HNSW32 graph of their centroids (autofaiss's)."""
+ID_BYTES = 8
+"""Each row's id in FAISS's inverted lists (and in the IDMap of an HNSW index): int64."""
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes of a size like "4G", "512M", "1.5G" or "1048576" (K, M, G, T: multiples of 1024; an optional B or
+    iB after, any case), or of an int of bytes; SiameseError otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?\s*", str(value), re.IGNORECASE)
+    if isinstance(value, bool) or not match:
+        raise SiameseError(f"Expected `max_memory` like 4G or 512M. Received: {value!r}")
+    return int(float(match[1]) * 1024 ** " KMGT".index(match[2].upper() or " "))
+
+
+def format_size(size: int, flag: bool = False) -> str:
+    """`size` bytes in words, rounded up to a tenth of its unit: "1.0 GiB", "512.0 KiB", "12 B"; with `flag`, as
+    `parse_size` reads it back ("1G", "1.3M", at least `size`)."""
+    power = min(4, max(0, int(math.log(size, 1024)))) if size >= 1 else 0
+    if not power:
+        return f"{size}" if flag else f"{size} B"
+    value = math.ceil(size / 1024**power * 10) / 10
+    unit = "KMGT"[power - 1]
+    return f"{value:g}{unit}" if flag else f"{value:.1f} {unit}iB"
+
+
+def budget_lists(rows: int) -> int:
+    """IVF lists of an index of `rows` under a budget: autofaiss's (the power of two nearest 4 sqrt(rows) below a
+    million rows, 16,384 below ten million, 65,536 from there), at most rows / LIST_MIN_ROWS."""
+    lists = 16_384 if rows < 10_000_000 else 65_536
+    if rows < 1_000_000:
+        lists = 2 ** round(math.log2(4 * math.sqrt(rows)))
+    return max(1, min(lists, rows // LIST_MIN_ROWS))
+
+
+def flat_bytes(rows: int, dim: int) -> int:
+    return 4 * rows * dim
+
+
+def hnsw_bytes(rows: int, dim: int, m: int) -> int:
+    """Each row's vector, its 2 m links on the ground level (int32) and about one more upper-level link, its offset
+    into the links and level (12), and its id in the IDMap."""
+    return rows * (4 * dim + 4 * (2 * m + 1) + 12 + ID_BYTES)
+
+
+def ivf_flat_bytes(rows: int, dim: int, lists: int) -> int:
+    """Each row's vector and id in its list, and the lists' centroids."""
+    return rows * (4 * dim + ID_BYTES) + 4 * lists * dim
+
+
+def pq_bytes(rows: int, dim: int, m: int, lists: int) -> int:
+    """Each row's m bytes of code and id in its list, the lists' centroids (and their HNSW32 graph, from
+    HNSW_QUANTIZER_LISTS lists), the OPQ rotation and the sub-quantizers' 256 centroids each."""
+    out = pq_dim(dim, m)
+    graph = lists * (4 * (2 * 32 + 1) + 12) if lists >= HNSW_QUANTIZER_LISTS else 0
+    return rows * (m + ID_BYTES) + 4 * lists * out + graph + 4 * dim * out + 4 * 256 * out
+
+
+def pq_dim(dim: int, m: int) -> int:
+    """The dimension OPQ rotates `dim` into for m sub-quantizers: the least multiple of m from `dim`."""
+    return m * math.ceil(dim / m)
+
+
+def pq_key(dim: int, m: int, lists: int) -> str:
+    quantizer = f"IVF{lists}_HNSW32" if lists >= HNSW_QUANTIZER_LISTS else f"IVF{lists}"
+    return f"OPQ{m}_{pq_dim(dim, m)},{quantizer},PQ{m}x8"
+
+
+def family(key: str) -> str:
+    """What kind of index the FAISS `key` of `choose_index_key` is: flat, hnsw, ivf-flat or pq."""
+    if key == "Flat":
+        return "flat"
+    if "HNSW" in key and "IVF" not in key:
+        return "hnsw"
+    return "pq" if ",PQ" in key else "ivf-flat"
+
+
+def choose_index_key(rows: int, dim: int, max_memory: int) -> tuple[str, int]:
+    """The FAISS index_factory key (inner product) of the index of `rows` vectors of `dim` dimensions that best
+    fits `max_memory` bytes, and its estimated size in bytes: "Flat" (exact) below FAISS_IVF_MIN_ROWS rows; from
+    there "IDMap,HNSW{m},Flat" (m links per row, 8 to 32) or "IVF{lists},Flat"; else (or below FAISS_IVF_MIN_ROWS
+    rows where the flat index does not fit) "OPQ{m}_{d},IVF{lists}[_HNSW32],PQ{m}x8" with the most bytes m per
+    row that fit. An index fits if HEADROOM times its size does. SiameseError naming the least budget that fits
+    when none does (no PQ index below PQ_MIN_ROWS rows)."""
+
+    def fits(size: int) -> bool:
+        return size * HEADROOM <= max_memory
+
+    lists = budget_lists(rows)
+    if rows < FAISS_IVF_MIN_ROWS:
+        if fits(flat_bytes(rows, dim)):
+            return "Flat", flat_bytes(rows, dim)
+    else:
+        m = min(HNSW_M[0], math.floor((max_memory / HEADROOM / rows - 4 * dim - 4 - 12 - ID_BYTES) / 8))
+        if m >= HNSW_M[1]:
+            return f"IDMap,HNSW{m},Flat", hnsw_bytes(rows, dim, m)
+        if fits(ivf_flat_bytes(rows, dim, lists)):
+            return f"IVF{lists},Flat", ivf_flat_bytes(rows, dim, lists)
+    sizes = [m for m in PQ_M if m < dim] or [1]
+    if rows >= PQ_MIN_ROWS:
+        for m in sizes:
+            if fits(pq_bytes(rows, dim, m, lists)):
+                return pq_key(dim, m, lists), pq_bytes(rows, dim, m, lists)
+        least, smallest = pq_bytes(rows, dim, sizes[-1], lists), pq_key(dim, sizes[-1], lists)
+    else:
+        least, smallest = flat_bytes(rows, dim), f"the exact Flat index (PQ takes {PQ_MIN_ROWS:,} rows or more)"
+    least = math.ceil(least * HEADROOM)
+    raise SiameseError(f"Expected `max_memory` >= {format_size(least)} for {rows:,} rows of {dim} dimensions. "
+                       f"Received: {format_size(max_memory)}. Fix: pass `max_memory={format_size(least, True)}` or "
+                       f"more, the least that holds {smallest}; or no budget.")
 
 
 @register_engine("faiss")
