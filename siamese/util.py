@@ -26,15 +26,19 @@ def usable_cpus() -> int:
 
 
 def parallel_map(
-    fn: Callable, args: list, *, workers: int | None = None, progress: bool = True, desc: str = ""
+    fn: Callable, args: list, *, workers: int | None = None, progress: bool = True, desc: str = "", chunk: int = 64
 ) -> Iterator:
-    """Yield `fn(a)` for each of `args` in order, computed on threads (Pillow releases the GIL while
-    decoding), with a progress bar. `workers` defaults to `usable_cpus()`."""
+    """Yield `fn(a)` for each of `args` in order, computed on threads (Pillow and hashlib release the GIL), `chunk`
+    arguments (default 64) to a task, with a progress bar. `workers` defaults to `usable_cpus()`. One task per
+    argument cost more than hashing a small image (60,000 futures: 3.5 of 5.3 s)."""
     from tqdm.auto import tqdm
 
-    with ThreadPoolExecutor(max_workers=workers or usable_cpus()) as pool:
-        yield from tqdm(pool.map(fn, args), total=len(args), desc=desc, unit="img", disable=not progress,
-                        leave=False)
+    parts = (args[i : i + chunk] for i in range(0, len(args), chunk))
+    with (ThreadPoolExecutor(max_workers=workers or usable_cpus()) as pool,
+          tqdm(total=len(args), desc=desc, unit="img", disable=not progress, leave=False) as bar):
+        for results in pool.map(lambda part: [fn(a) for a in part], parts):
+            bar.update(len(results))
+            yield from results
 
 
 def cache_dir() -> Path:
