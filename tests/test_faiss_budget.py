@@ -3,10 +3,18 @@ with and without re-ranking against the embeddings, and a round trip through the
 
 from __future__ import annotations
 
+import json
+
+import faiss
+import numpy as np
 import pytest
 
+import siamese.search.faiss
+from siamese.cli.common import Parser, add_engine_args, engine_settings, translate
 from siamese.errors import SiameseError
+from siamese.search import Faiss, Index
 from siamese.search.faiss import choose_index_key, family, format_size, parse_size
+from siamese.search.kernel import kneighbors
 
 
 @pytest.mark.parametrize(("text", "size"), [("4G", 4 << 30), ("512M", 512 << 20), ("1.5G", 3 << 29), ("64k", 1 << 16),
@@ -68,3 +76,172 @@ def test_a_budget_too_small_for_any_index_is_refused_with_the_least_that_fits(ro
                                            r"budget\.$"):
         choose_index_key(rows, dim, parse_size(budget))
     assert choose_index_key(rows, dim, parse_size(f"{least}M"))  # the budget named fits
+
+
+def structured(n: int, dim: int = 128, seed: int = 0) -> np.ndarray:
+    """Unit rows near a 16-d subspace of `dim`: 16-d gaussians through a fixed 16 x dim matrix, plus small noise."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 16)).astype(np.float32) @ np.random.default_rng(99).normal(size=(16, dim)).astype(
+        np.float32)
+    x += 0.1 * np.sqrt(16 / dim) * np.linalg.norm(x, axis=1, keepdims=True) * rng.normal(size=(n, dim)).astype(
+        np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def make_index(vectors: np.ndarray, engine: Faiss) -> Index:
+    n = len(vectors)
+    return Index(vectors, [f"item{i}" for i in range(n)], [f"{i}.png" for i in range(n)], [()] * n, engine=engine)
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth, strict=True)]))
+
+
+ROWS = 50_000
+BUDGET = "2.5M"  # the flat index of 50,000 x 128 is 24.4 MiB
+
+
+@pytest.fixture(scope="module")
+def pq_index() -> Index:
+    """50,000 structured rows of 128 dimensions in 2.5 MiB, re-ranking 100 candidates. OPQ trains its rotation 10
+    iterations here, not FAISS's 50 (what `index` does): 50 take half a minute on 2 cores."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(siamese.search.faiss, "OPQ_NITER", 10)
+        return make_index(structured(ROWS), Faiss(max_memory=BUDGET, rerank=100))
+
+
+@pytest.fixture(scope="module")
+def queries() -> np.ndarray:
+    """Fresh queries near the rows: none is a row of the index."""
+    return structured(300, seed=1)
+
+
+def test_a_small_budget_picks_pq_codes_and_rerank_reaches_the_target_recall(pq_index, queries, tmp_path):
+    engine = pq_index.engine
+    key = "OPQ16_128,IVF1024_HNSW32,PQ16x8"
+    assert engine.params["key"] == key and engine.params["family"] == "pq" and engine.params["nlist"] == 1024
+    assert engine.params["max_memory"] == parse_size(BUDGET) == 2_621_440
+    assert engine.params["estimated_bytes"] * 1.1 <= parse_size(BUDGET)
+    assert engine.params["train_rows"] == 39 * 1024  # FAISS's least: the budget leaves no room for more
+    nprobe = engine.params["nprobe"]
+    assert engine.description == f"faiss {key} (nprobe {nprobe}, 2.5 MiB budget, rerank 100)"
+    assert pq_index.recall_at_10 >= 0.99 and pq_index.recall["queries"] == 1000
+    truth = kneighbors(pq_index.embeddings, queries, 10)[1]
+    distances, found = pq_index.kneighbors(queries, 10)
+    assert recall(found, truth) >= 0.98
+    # re-ranked distances are exact: those of the rows found
+    np.testing.assert_allclose(distances, np.linalg.norm(pq_index.embeddings[found] - queries[:, None], axis=2),
+                               atol=1e-5)
+    # PQ codes alone: 16 bytes for 128 dimensions find about two thirds of the true neighbours, however many lists
+    engine.rerank = 0
+    try:
+        alone = [recall(pq_index.kneighbors(queries, 10, nprobe=n)[1], truth) for n in (nprobe, 1024)]
+    finally:
+        engine.rerank = 100
+    assert 0.55 <= alone[0] <= alone[1] < 0.8
+    # the estimate is the index's size, as written (and read back)
+    faiss_path = tmp_path / "pq.faiss"
+    engine.write(faiss_path)
+    assert abs(faiss_path.stat().st_size - engine.params["estimated_bytes"]) < 0.02 * faiss_path.stat().st_size
+
+
+def test_an_index_under_a_budget_answers_alike_after_save_and_load(pq_index, queries, tmp_path):
+    pq_index.save(tmp_path / "idx")
+    loaded = Index.load(tmp_path / "idx")
+    for want, got in zip(pq_index.kneighbors(queries, 10), loaded.kneighbors(queries, 10), strict=True):
+        np.testing.assert_array_equal(got, want)
+    for want, got in zip(pq_index.kneighbors(queries, 5, nprobe=3), loaded.kneighbors(queries, 5, nprobe=3),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert (loaded.engine.params, loaded.engine.description, loaded.recall) == (
+        pq_index.engine.params, pq_index.engine.description, pq_index.recall)
+    # what a rebuild (a merge) keeps: the budget and the re-ranking, not the lists
+    assert loaded.engine.build_settings() == {"nlist": None, "target_recall": 0.99, "max_memory": 2_621_440,
+                                              "rerank": 100}
+    # an engine file of another key than index.json's is refused
+    settings = json.loads((tmp_path / "idx" / "index.json").read_text())
+    settings["engine"]["params"]["key"] = "OPQ8_128,IVF1024_HNSW32,PQ8x8"
+    (tmp_path / "idx" / "index.json").write_text(json.dumps(settings))
+    with pytest.raises(SiameseError, match=r"engine-\w+\.faiss does not agree with the embeddings: it holds 50000 x "
+                                           r"128 rows in an IndexPreTransform of an IndexIVFPQ, not the 50000 x 128 "
+                                           r"rows in a OPQ8_128,IVF1024_HNSW32,PQ8x8 index that index.json records"):
+        Index.load(tmp_path / "idx")
+
+
+def test_a_budget_too_small_is_refused_before_any_work(monkeypatch):
+    def no_index(*args):
+        raise AssertionError("an index was made")
+
+    monkeypatch.setattr(faiss, "index_factory", no_index)
+    rows = np.broadcast_to(np.float32(1 / np.sqrt(128)), (ROWS, 128))  # takes no memory
+    with pytest.raises(SiameseError, match=r"^Expected `max_memory` >= 1.7 MiB for 50,000 rows of 128 dimensions\. "
+                                           r"Received: 1.0 MiB\. Fix: pass `max_memory=1.7M` or more"):
+        Faiss(max_memory="1M").build(rows, np.empty(0, np.int64), np.full(ROWS, 0.5, np.float32))
+
+
+@pytest.mark.parametrize(("rows", "budget", "key", "nprobe"), [
+    (999, "1M", "Flat", None),  # below the (patched) 1,000 rows: exact
+    (3000, "2M", "IDMap,HNSW32,Flat", 1),  # nprobe: its efSearch
+    (3000, "500K", "IVF76,Flat", 2),
+])
+def test_larger_budgets_pick_flat_hnsw_or_ivf_flat_indexes(monkeypatch, tmp_path, rows, budget, key, nprobe):
+    monkeypatch.setattr(siamese.search.faiss, "FAISS_IVF_MIN_ROWS", 1000)  # the same rule, at a size a test affords
+    index = make_index(structured(rows, dim=32), Faiss(max_memory=budget))
+    queries = structured(100, dim=32, seed=1)
+    truth = kneighbors(index.embeddings, queries, 10)[1]
+    assert index.engine.params["key"] == key
+    if nprobe is None:
+        assert index.recall is None and index.engine.description == "faiss Flat (exact, 1.0 MiB budget)"
+        np.testing.assert_array_equal(index.kneighbors(queries, 10)[1], truth)
+        with pytest.raises(SiameseError, match="Expected `nprobe` only with a faiss index"):
+            index.kneighbors(queries, 10, nprobe=2)
+    else:
+        assert index.recall_at_10 >= 0.99 and recall(index.kneighbors(queries, 10)[1], truth) >= 0.97
+        assert recall(index.kneighbors(queries, 10, nprobe=nprobe)[1], truth) < 0.97  # the knob trades recall
+    index.save(tmp_path)
+    loaded = Index.load(tmp_path)
+    np.testing.assert_array_equal(loaded.kneighbors(queries, 10)[1], index.kneighbors(queries, 10)[1])
+    assert loaded.engine.description == index.engine.description
+
+
+def test_without_a_budget_faiss_builds_what_it_built_before():
+    vectors = structured(2000, dim=32)
+    flat = make_index(vectors, Faiss()).engine
+    assert flat.params == {"library": f"faiss {faiss.__version__}", "metric": "inner_product", "nlist": 0,
+                           "type": "IndexFlatIP"}
+    assert type(flat.index) is faiss.IndexFlatIP and flat.description == "faiss IndexFlatIP (exact)"
+    ivf = make_index(vectors, Faiss(nlist=16)).engine
+    assert type(ivf.index) is faiss.IndexIVFFlat and ivf.index.cp.spherical
+    assert ivf.params == {"library": f"faiss {faiss.__version__}", "metric": "inner_product", "nlist": 16,
+                          "type": "IndexIVFFlat", "spherical": True, "seed": 0, "train_rows": 2000,
+                          "nprobe": ivf.params["nprobe"]}
+    assert ivf.description == f"faiss IndexIVFFlat (nlist 16, nprobe {ivf.params['nprobe']})"
+
+
+def test_rerank_without_a_budget_answers_exact_distances():
+    index = make_index(structured(2000, dim=32), Faiss(nlist=16, rerank=40))
+    queries = structured(50, dim=32, seed=1)
+    distances, found = index.kneighbors(queries, 10, nprobe=16)  # every list: exact
+    want_d, want_i = kneighbors(index.embeddings, queries, 10)
+    np.testing.assert_array_equal(found, want_i)
+    np.testing.assert_allclose(distances, want_d, atol=1e-5)
+    assert index.engine.params["rerank"] == 40 and index.engine.description.endswith(", rerank 40)")
+
+
+def test_budget_settings_are_checked_and_are_flags_of_index():
+    for make, message in ((lambda: Faiss(nlist=16, max_memory="1G"), r"^Expected `nlist` or `max_memory`, not both\. "
+                           r"Received: `nlist=16` and `max_memory=1G`\. Fix: leave out `nlist`"),
+                          (lambda: Faiss(rerank=-1), r"Expected `rerank` >= 0\. Received: -1"),
+                          (lambda: Faiss(max_memory="lots"), r"Expected `max_memory` like 4G or 512M\. Received: "
+                           "'lots'")):
+        with pytest.raises(SiameseError, match=message):
+            make()
+    parser = Parser(prog="index")
+    add_engine_args(parser)
+    args = parser.parse_args(["--engine", "faiss", "--max-memory", "1.5G", "--rerank", "64"])
+    engine = Faiss.from_settings(engine_settings(args))
+    assert (engine.max_memory, engine.rerank) == (3 << 29, 64)
+    args = parser.parse_args(["--engine", "faiss", "--max-memory", "x"])
+    with pytest.raises(SiameseError) as refused:
+        Faiss.from_settings(engine_settings(args))
+    assert translate(str(refused.value), parser) == "Expected --max-memory like 4G or 512M. Received: 'x'"

@@ -12,7 +12,7 @@ import numpy as np
 
 from siamese.errors import SiameseError
 from siamese.search.engine import Engine, Knob, Setting, check_at_least, check_target_recall, register_engine
-from siamese.search.kernel import by_block, squared_norms
+from siamese.search.kernel import by_block, squared_norms, take
 from siamese.search.tuning import SEED, TARGET_RECALL, rows_except
 from siamese.util import usable_cpus
 
@@ -147,41 +147,81 @@ def choose_index_key(rows: int, dim: int, max_memory: int) -> tuple[str, int]:
                        f"more, the least that holds {smallest}; or no budget.")
 
 
+TRAIN_COPIES = 3
+"""Copies of its training sample a PQ index holds while trained (the sample, rotated by OPQ, its residuals)."""
+OPQ_NITER = 50
+"""Iterations of OPQ's rotation training (FAISS's default; it trains on at most 65,536 rows, whatever the rows)."""
+QUANTIZER_EF = 2
+"""The HNSW32 graph of a PQ index's list centroids searches with efSearch QUANTIZER_EF x nprobe (autofaiss's)."""
+HNSW_MAX_EF = 1 << 16
+"""The largest efSearch (`nprobe`) of an HNSW index under a budget."""
+RERANK_FLOATS = 1 << 22
+"""Candidate coordinates gathered at once while re-ranking (16 MiB of float32, 32 MiB as float64)."""
+
+
 @register_engine("faiss")
 class Faiss(Engine):
     """A FAISS index: exact `IndexFlatIP` (`nlist` 0), or `IndexIVFFlat` of `nlist` lists (default: 0 below
     100,000 rows, 4 sqrt(rows) above) probing `nprobe` of them per query (default: the smallest power of two
-    reaching `target_recall`, default 0.99)."""
+    reaching `target_recall`, default 0.99).
 
-    summary = "exact IndexFlatIP below 100,000 images, approximate IVF above"
+    With `max_memory` (bytes, or a size like "4G"; see `parse_size`), the index that budget holds instead
+    (`choose_index_key`), built by faiss.index_factory: trained on a seeded sample of at most what FAISS uses and
+    the budget leaves, then filled a block at a time. `nprobe` is then the lists probed (IVF, PQ), or efSearch
+    (HNSW). `rerank` N > 0 searches for max(N, k) candidates and ranks them by their exact distance to the
+    embeddings the index was built over (PQ codes only approximate it)."""
+
+    summary = "exact IndexFlatIP below 100,000 images, approximate IVF above; or what --max-memory holds"
 
     settings = (
         Setting("nlist", int, None, "faiss: inverted lists of the IVF index; 0 keeps it exact", metavar="N",
                 default_text="default: 0 below 100,000 images, 4 sqrt(images) above"),
         TARGET_RECALL,
+        Setting("max_memory", str, None, "faiss: the memory the index may take, e.g. 4G or 512M (K, M, G, T: "
+                "multiples of 1024), which picks it: exact below 100,000 images where it fits, else HNSW, IVF, or "
+                "OPQ+IVF+PQ codes of the most bytes per image that fit", metavar="SIZE",
+                default_text="default: none, exact below 100,000 images, IVF above"),
+        Setting("rerank", int, 0, "faiss: rank this many candidates (at least --k) by their exact distance to the "
+                "index's embeddings, for PQ codes' recall; 0 is off", metavar="N"),
     )
     suffix = ".faiss"
-    knob = Knob("nprobe", f"a faiss index of at least {FAISS_IVF_MIN_ROWS:,} rows (IVF; or built with --nlist)",
-                "faiss IVF: lists searched per query, up to nlist; more: better recall, slower (default: the "
-                "index's, chosen at build time for its --target-recall)")
+    knob = Knob("nprobe", f"a faiss index of at least {FAISS_IVF_MIN_ROWS:,} rows (IVF; or built with --nlist or "
+                "--max-memory)", "faiss IVF: lists searched per query, up to nlist (of an HNSW index under "
+                "--max-memory: its efSearch); more: better recall, slower (default: the index's, chosen at build "
+                "time for its --target-recall)")
 
-    def __init__(self, nlist: int | None = None, nprobe: int | None = None, target_recall: float = 0.99):
+    def __init__(self, nlist: int | None = None, nprobe: int | None = None, target_recall: float = 0.99,
+                 max_memory: str | int | None = None, rerank: int = 0):
         super().__init__()
         if nlist is not None:
             check_at_least("nlist", nlist, 0)
         check_target_recall(target_recall)
+        check_at_least("rerank", rerank, 0)
+        max_memory = None if max_memory is None else parse_size(max_memory)
+        if nlist is not None and max_memory is not None:
+            raise SiameseError(f"Expected `nlist` or `max_memory`, not both. Received: `nlist={nlist}` and "
+                               f"`max_memory={format_size(max_memory, True)}`. Fix: leave out `nlist`: the budget "
+                               "chooses the lists.")
         self.nlist, self.knob_default, self.target_recall = nlist, nprobe, target_recall
+        self.max_memory, self.rerank = max_memory, rerank
 
     @property
     def knob_range(self) -> tuple[int, int] | None:
+        if self.params.get("family") == "hnsw":
+            return (1, HNSW_MAX_EF)
         return (1, self.params["nlist"]) if self.params.get("nlist") else None
 
     def build(self, embeddings: np.ndarray, held: np.ndarray, half_norms: np.ndarray) -> None:
         """Exact `IndexFlatIP` of every row (`nlist` 0), or `IndexIVFFlat` trained on every row (at most 256 per
-        list, FAISS's default sample) holding every row but `held` (`add` them after measuring recall)."""
+        list, FAISS's default sample) holding every row but `held` (`add` them after measuring recall); with
+        `max_memory`, the index it holds (see `build_budget`)."""
         import faiss
 
         faiss.omp_set_num_threads(usable_cpus())
+        self.embeddings = embeddings  # what `rerank` ranks by: the index's own rows, not a copy
+        if self.max_memory is not None:
+            self.build_budget(embeddings, held)
+            return
         rows, dim = embeddings.shape
         nlist = self.nlist
         if nlist is None:
@@ -189,6 +229,8 @@ class Faiss(Engine):
         if nlist > rows:
             raise SiameseError(f"Expected 0 <= `nlist` <= {rows} (the rows to index; 0 is exact). Received: {nlist}")
         self.params = {"library": f"faiss {faiss.__version__}", "metric": "inner_product", "nlist": nlist}
+        if self.rerank:
+            self.params["rerank"] = self.rerank
         if not nlist:
             self.index = faiss.IndexFlatIP(dim)
             self.index.add(embeddings)
@@ -200,16 +242,70 @@ class Faiss(Engine):
         self.params.update(type="IndexIVFFlat", spherical=True, seed=SEED, train_rows=min(rows, 256 * nlist))
         self.add(embeddings, rows_except(rows, held))
 
+    def build_budget(self, embeddings: np.ndarray, held: np.ndarray) -> None:
+        """The index of `choose_index_key` (refused before any work when none fits `max_memory`), in inner product:
+        an IVF or PQ one trained on a seeded sample (`train_rows`), then every row but `held` added a block at a
+        time; a flat one of every row."""
+        import faiss
+
+        rows, dim = embeddings.shape
+        key, estimated = choose_index_key(rows, dim, self.max_memory)
+        kind = family(key)
+        self.index = faiss.index_factory(dim, key, faiss.METRIC_INNER_PRODUCT)
+        self.params = {"library": f"faiss {faiss.__version__}", "metric": "inner_product", "key": key,
+                       "family": kind, "type": type(faiss.downcast_index(self.index)).__name__,
+                       "max_memory": self.max_memory, "estimated_bytes": estimated, "nlist": 0, "rerank": self.rerank}
+        if kind == "flat":
+            self.add(embeddings, np.arange(rows))
+            return
+        if kind != "hnsw":  # an IVF index, of vectors or of PQ codes
+            ivf = faiss.downcast_index(faiss.extract_index_ivf(self.index))
+            ivf.cp.seed, ivf.cp.spherical = SEED, True
+            if kind == "pq":
+                ivf.pq.cp.seed = SEED
+                ivf.do_polysemous_training = False  # polysemous codes serve Hamming filtering, unused here; slow
+                opq = faiss.downcast_VectorTransform(faiss.downcast_index(self.index).chain.at(0))
+                opq.niter = OPQ_NITER
+            train = self.train_rows(rows, dim, ivf.nlist, kind, estimated)
+            # a sample of every row is the rows themselves (a memory map stays one), not a copy
+            sample = embeddings if train == rows else take(
+                embeddings, np.sort(np.random.default_rng(SEED).choice(rows, train, replace=False)))
+            # k-means assigns rows to centroids by exact search: by an HNSW quantizer, it would relink the graph of
+            # the centroids every iteration (three times slower at 1,024 lists)
+            clustering = faiss.IndexFlatIP(ivf.d)
+            ivf.clustering_index = clustering
+            self.index.train(sample)
+            ivf.clustering_index = None  # `clustering` is Python's to free
+            del sample
+            self.params.update(nlist=ivf.nlist, spherical=True, seed=SEED, train_rows=train)
+        self.add(embeddings, rows_except(rows, held))
+
+    def train_rows(self, rows: int, dim: int, lists: int, kind: str, estimated: int) -> int:
+        """Rows to train an IVF (`kind` ivf-flat) or PQ index on: those FAISS uses (256 per list; 65,536 for OPQ
+        and the PQ codebooks), at most what the budget leaves beside the index (a PQ index holds TRAIN_COPIES
+        of its sample), at least what FAISS asks for (LIST_MIN_ROWS per list; PQ_MIN_ROWS)."""
+        wanted = max(256 * lists, 256 * 256) if kind == "pq" else 256 * lists
+        least = max(LIST_MIN_ROWS * lists, PQ_MIN_ROWS) if kind == "pq" else LIST_MIN_ROWS * lists
+        copies = TRAIN_COPIES if kind == "pq" else 1
+        spare = int((self.max_memory - estimated * HEADROOM) // (4 * dim * copies))
+        return min(rows, wanted, max(spare, least))
+
     def add(self, embeddings: np.ndarray, rows: np.ndarray) -> None:
-        """Add `rows` (sorted) of `embeddings`, a block at a time."""
+        """Add `rows` (sorted) of `embeddings`, a block at a time (a flat index under a budget: every row)."""
+        ids = self.params.get("family") != "flat"
         for low, high, vectors in by_block(embeddings, rows):
-            self.index.add_with_ids(vectors, rows[low:high])
+            if ids:
+                self.index.add_with_ids(vectors, rows[low:high])
+            else:
+                self.index.add(vectors)
 
     @classmethod
     def read(cls, path: Path | None, embeddings: np.ndarray, params: dict) -> Faiss:
         import faiss
 
         index = faiss.read_index(str(path))
+        if "key" in params:
+            return cls.read_budget(index, embeddings, params)
         kind = type(faiss.downcast_index(index)).__name__
         nlist = faiss.extract_index_ivf(index).nlist if kind == "IndexIVFFlat" else 0
         if (index.ntotal, index.d, kind, nlist, index.metric_type) != (
@@ -218,8 +314,29 @@ class Faiss(Engine):
             raise ValueError(f"it holds {index.ntotal} x {index.d} rows in an {kind} (nlist {nlist}), not the "
                              f"{embeddings.shape[0]} x {embeddings.shape[1]} rows in an {params.get('type')} "
                              f"(nlist {params.get('nlist')}) that index.json records")
-        engine = cls()  # nlist stays unset: a rebuild of other rows (a merge) chooses its own
-        engine.index, engine.params = index, params
+        # nlist stays unset: a rebuild of other rows (a merge) chooses its own
+        engine = cls(rerank=params.get("rerank", 0))
+        engine.index, engine.params, engine.embeddings = index, params, embeddings
+        return engine
+
+    @classmethod
+    def read_budget(cls, index, embeddings: np.ndarray, params: dict) -> Faiss:
+        """The engine of an index built under a budget: `index` must be of index.json's key (the structure
+        index_factory makes of it: types, transforms, lists, codes, links) over as many rows of as many dimensions
+        as `embeddings`."""
+        import faiss
+
+        rows, dim = embeddings.shape
+        key = params["key"]
+        made = faiss.index_factory(dim, str(key), faiss.METRIC_INNER_PRODUCT)
+        expected = structure(made)
+        found = structure(index)
+        if (index.ntotal, index.d, found) != (rows, dim, expected):
+            raise ValueError(f"it holds {index.ntotal} x {index.d} rows in {types(index)}, not the "
+                             f"{rows} x {dim} rows in a {key} index that index.json records")
+        # nothing else set: a rebuild of other rows (a merge) chooses its own index under the same budget
+        engine = cls(max_memory=params["max_memory"], rerank=params.get("rerank", 0))
+        engine.index, engine.params, engine.embeddings = index, params, embeddings
         return engine
 
     def write(self, path: Path) -> None:
@@ -227,19 +344,104 @@ class Faiss(Engine):
 
         faiss.write_index(self.index, str(path))
 
+    def search_parameters(self, knob: int | None) -> list:
+        """FAISS's search parameters of the query-time `knob` for this index (outermost first; the inner ones
+        must stay alive while it searches), or [] for an exact one."""
+        import faiss
+
+        if not knob:
+            return []
+        kind = self.params.get("family")
+        if kind == "hnsw":
+            return [faiss.SearchParametersHNSW(efSearch=knob)]  # an IDMap hands them to its HNSW index
+        if kind != "pq":
+            return [faiss.SearchParametersIVF(nprobe=knob)]
+        quantizer = faiss.extract_index_ivf(self.index).quantizer
+        graph = faiss.SearchParametersHNSW(efSearch=QUANTIZER_EF * knob)
+        inner = (faiss.SearchParametersIVF(nprobe=knob, quantizer_params=graph)
+                 if isinstance(faiss.downcast_index(quantizer), faiss.IndexHNSW) else faiss.SearchParametersIVF(
+                     nprobe=knob))
+        return [faiss.SearchParametersPreTransform(index_params=inner), inner, graph]
+
     def search(self, queries: np.ndarray, k: int, knob: int | None) -> tuple[np.ndarray, np.ndarray]:
         import faiss
 
         faiss.omp_set_num_threads(usable_cpus())
-        params = faiss.SearchParametersIVF(nprobe=knob) if knob else None
-        scores, indices = self.index.search(np.ascontiguousarray(queries), k, params=params)
-        # rows are unit vectors: |q - g|^2 = |q|^2 + 1 - 2 q.g; a missing neighbour (index -1) stays -1
+        queries = np.ascontiguousarray(queries)
+        params = self.search_parameters(knob)
+        wanted = max(k, self.rerank) if self.rerank else k
+        scores, indices = self.index.search(queries, wanted, params=params[0] if params else None)
+        if self.rerank:
+            return self.reranked(queries, indices.astype(np.int64), k)
+        # rows are unit vectors: |q - g|^2 = |q|^2 + 1 - 2 q.g (approximate q.g for PQ codes); a missing
+        # neighbour (index -1) stays -1
         squared = squared_norms(queries)[:, None] + 1 - 2 * scores.astype(np.float64)
         return np.sqrt(np.maximum(squared, 0)).astype(np.float32), indices.astype(np.int64)
+
+    def reranked(self, queries: np.ndarray, found: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The `k` nearest of each query's candidate rows `found` (-1: none) by their exact distance to the
+        embeddings (float64; ties by lower row), gathered a few queries at a time (RERANK_FLOATS)."""
+        distances = np.full((len(queries), k), np.inf, np.float32)
+        indices = np.full((len(queries), k), -1, np.int64)
+        step = max(1, RERANK_FLOATS // (found.shape[1] * self.embeddings.shape[1]))
+        for start in range(0, len(queries), step):
+            rows = found[start : start + step]
+            diff = take(self.embeddings, np.maximum(rows, 0)).astype(np.float64)
+            diff -= queries[start : start + step, None]
+            squared = np.where(rows >= 0, np.einsum("ijk,ijk->ij", diff, diff), np.inf)
+            order = np.lexsort((rows, squared), axis=1)[:, :k]
+            best = np.take_along_axis(rows, order, axis=1)
+            near = np.take_along_axis(squared, order, axis=1)
+            indices[start : start + step, : best.shape[1]] = np.where(np.isfinite(near), best, -1)
+            distances[start : start + step, : best.shape[1]] = np.sqrt(near)
+        return distances, indices
 
     @property
     def description(self) -> str:
         p = self.params
+        rerank = f", rerank {p['rerank']}" if p.get("rerank") else ""
+        if "key" in p:
+            knob = {"flat": "exact", "hnsw": f"efSearch {p.get('nprobe')} as nprobe"}.get(
+                p["family"], f"nprobe {p.get('nprobe')}")
+            return f"faiss {p['key']} ({knob}, {format_size(p['max_memory'])} budget{rerank})"
         if p["nlist"]:
-            return f"faiss {p['type']} (nlist {p['nlist']}, nprobe {p.get('nprobe')})"
-        return f"faiss {p['type']} (exact)"
+            return f"faiss {p['type']} (nlist {p['nlist']}, nprobe {p.get('nprobe')}{rerank})"
+        return f"faiss {p['type']} (exact{rerank})"
+
+
+def structure(given) -> tuple:
+    """What the FAISS index `given` is made of, to compare with what index_factory makes of a key: its type,
+    dimension and metric; its transforms (type, in and out dimensions); its lists and code size (IVF), links (HNSW)
+    and sub-quantizers (PQ); and the same of the indexes inside it (an IDMap's, a transform's, an IVF's quantizer).
+    Types are as read_index reads them back (an IndexFlat of inner products is an IndexFlatIP)."""
+    import faiss
+
+    index = faiss.downcast_index(given)  # a wrapper that does not own the index: `given` keeps it alive
+    name = type(index).__name__
+    parts: list = ["IndexFlat" if name in ("IndexFlatIP", "IndexFlatL2") else name, index.d, index.metric_type]
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            transform = faiss.downcast_VectorTransform(index.chain.at(i))
+            name = type(transform).__name__  # an OPQMatrix is written as its matrix, and read as a LinearTransform
+            parts.append(("LinearTransform" if name == "OPQMatrix" else name, transform.d_in, transform.d_out))
+    if isinstance(index, faiss.IndexPreTransform | faiss.IndexIDMap):
+        parts.append(structure(index.index))
+    if isinstance(index, faiss.IndexIVF):
+        parts += [index.nlist, index.code_size, structure(index.quantizer)]
+    if isinstance(index, faiss.IndexIVFPQ):
+        parts += [index.pq.M, index.pq.nbits]
+    if isinstance(index, faiss.IndexHNSW):
+        parts.append(index.hnsw.nb_neighbors(1))
+    return tuple(parts)
+
+
+def types(index) -> str:
+    """The FAISS index's type and those it wraps, e.g. "an IndexPreTransform of an IndexIVFPQ"."""
+    import faiss
+
+    names = []
+    while index is not None:
+        index = faiss.downcast_index(index)
+        names.append(f"an {type(index).__name__}")
+        index = index.index if isinstance(index, faiss.IndexPreTransform | faiss.IndexIDMap) else None
+    return " of ".join(names)
