@@ -22,7 +22,8 @@ from siamese.embed import Embedder, describe, embed_catalog, embed_images
 from siamese.errors import SiameseError
 from siamese.index import Index
 from siamese.models import build_embedding
-from siamese.search import BallTree, Brute, Engine, Faiss, Hnsw
+from siamese.search import BallTree, Brute, Engine, Faiss, Hnsw, Knob
+from siamese.search.kernel import kneighbors
 from siamese.search.rows import Rows
 from tests.conftest import solid_catalog
 
@@ -524,3 +525,33 @@ def test_a_label_keeps_the_nearest_images_that_have_it(by_item):
     assert len(index.search(query, k=20, label="rare")[0]) == 8  # fewer than k have it
     with pytest.raises(SiameseError, match=r"Expected 1 <= `k` <= 400 \(the index holds 400 images\)\. Received: 0"):
         index.search(query, k=0, label="odd")
+
+
+class Plateau(Engine):
+    """Finds the true neighbours in the first min(knob, 6) of its k places: recall@10 stops at 0.6 from knob 6."""
+
+    knob = Knob("probe", "a test's index", "probes")
+
+    def build(self, embeddings, held, half_norms):
+        self.embeddings, self.half_norms = embeddings, half_norms.copy()
+        self.half_norms[held] = np.inf
+        self.params = {}
+
+    @property
+    def knob_range(self) -> tuple[int, int]:
+        return (1, 1 << 20)
+
+    def add(self, embeddings, rows):
+        self.half_norms[rows] = 0.5 * (np.asarray(embeddings)[rows] ** 2).sum(axis=1)
+
+    def search(self, queries, k, knob):
+        distances, indices = kneighbors(self.embeddings, queries, k, self.half_norms)
+        found = min(knob, 6)
+        indices[:, found:] = np.where(indices[:, found:] >= 0, len(self.embeddings) - 1 - indices[:, found:], -1)
+        return distances, indices
+
+
+def test_tuning_stops_where_more_of_the_knob_stops_helping():
+    index = random_index(n=2000, engine=Plateau())
+    # 1, 2, 4: recall 0.1, 0.2, 0.4; 8: 0.6; 16: no better, so 8 is kept, not the whole range
+    assert index.engine.params["probe"] == 8 and 0.55 <= index.recall_at_10 <= 0.65

@@ -12,6 +12,8 @@ RECALL_QUERIES = 1000
 """Most own rows (a seeded sample of a tenth) held out of an approximate engine to measure its recall@10."""
 SEED = 0
 """hnswlib's random_seed, FAISS's k-means seed and the recall sample's seed."""
+PLATEAU = 0.002
+"""Least gain of recall@10 from doubling the knob that tuning keeps going for, where the target is out of reach."""
 TARGET_RECALL = Setting("target_recall", float, 0.99, "hnsw, faiss IVF: the recall@10 on held-out images that the "
                         "default --ef (--nprobe) of queries must reach, chosen at build time", metavar="R")
 """The build setting of every engine `tune` tunes."""
@@ -55,7 +57,8 @@ def recall(embeddings: np.ndarray, queries: np.ndarray, truth: np.ndarray, found
 
 def tune(engine: Engine, embeddings: np.ndarray, held: np.ndarray, half_norms: np.ndarray) -> dict | None:
     """Measure recall@10 of an approximate `engine` built without the `held` rows, searching for them, at its
-    `knob_default`, or at the smallest power of two that reaches its `target_recall`; keep that value in its
+    `knob_default`, or at the smallest power of two that reaches its `target_recall` (or the last before recall
+    gains less than PLATEAU from a doubling, where the target is out of reach); keep that value in its
     `params`, then add the held rows. With none held (under 10 rows), search exhaustively, measured on all.
     `half_norms`: the rows' |row|^2 / 2. Returns index.json's "recall" (None for an exact engine)."""
     if engine.knob_default is not None:
@@ -70,10 +73,15 @@ def tune(engine: Engine, embeddings: np.ndarray, held: np.ndarray, half_norms: n
     _, truth = kneighbors(embeddings, queries, k, half_norms, lean=True)
     tried = powers_of_two(engine.knob.tune_from, min(engine.knob_range[1], rows - len(held)))
     chosen = engine.knob_default
+    before = None
     for value in [chosen] if chosen is not None else tried if len(held) else tried[-1:]:
         measured = recall(embeddings, queries, truth, engine.search(queries, k, value)[1])
         if measured >= engine.target_recall:
             break
+        if before is not None and measured - before[1] < PLATEAU:  # e.g. PQ codes: more probes stop helping
+            value, measured = before
+            break
+        before = value, measured
     engine.params[engine.knob.name] = value
     engine.add(embeddings, held)
     return {"recall_at_10": measured, "k": k, "queries": len(queries), "held_out": bool(len(held)), "seed": SEED,
