@@ -25,10 +25,12 @@ def register(commands) -> argparse.ArgumentParser:
         NAME,
         help="embed every image of a catalog and build a nearest-neighbour index (the original's --export balltree)",
         description="Embed every image of a labeled catalog (batched, from the files) and save a nearest-neighbour "
-        "index with each row's item id, filename and labels: embeddings as .npy, metadata as JSON, never a "
+        "index with each row's item id, filename and labels: embeddings as .npy, rows as Arrow, never a "
         "pickle. Without --keras-model, a pretrained ImageNet backbone embeds the images. Approximate engines (hnsw, "
         "faiss IVF) measure their recall@10 on held-out images and pick the query-time --ef (--nprobe) that reaches "
-        "--target-recall. --embeddings STORE... builds the index from embedding stores written by `embed` instead, "
+        "--target-recall. --engine faiss --max-memory SIZE builds the index that budget holds (flat, HNSW, IVF, "
+        "then OPQ + IVF + PQ codes; --rerank N ranks N candidates by exact distance). --embeddings STORE... builds "
+        "the index from embedding stores written by `embed` instead, "
         "with no model and no images. --shard I/N (deprecated) embeds one slice of the catalog, for several "
         "machines; merge-index joins them: use `embed --runner ray` and `index --embeddings` instead.",
     )
