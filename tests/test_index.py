@@ -555,3 +555,14 @@ def test_tuning_stops_where_more_of_the_knob_stops_helping():
     index = random_index(n=2000, engine=Plateau())
     # 1, 2, 4: recall 0.1, 0.2, 0.4; 8: 0.6; 16: no better, so 8 is kept, not the whole range
     assert index.engine.params["probe"] == 8 and 0.55 <= index.recall_at_10 <= 0.65
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_a_loaded_faiss_index_is_memory_mapped_not_read_into_memory(tmp_path):
+    index = random_index(n=2000, dim=32, engine=Faiss(nlist=16))
+    index.save(tmp_path)
+    loaded = Index.load(tmp_path)
+    engine_file = tmp_path / json.loads((tmp_path / "index.json").read_text())["files"]["engine"]
+    assert str(engine_file) in Path("/proc/self/maps").read_text()
+    queries = unit_vectors(20, 32, 1)
+    np.testing.assert_array_equal(loaded.kneighbors(queries, 10)[1], index.kneighbors(queries, 10)[1])
