@@ -93,6 +93,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/input_pipeline.py
 	$(BIN)/python benchmarks/index.py
 	$(BIN)/python benchmarks/embed.py
+	$(BIN)/python benchmarks/embed_store.py
 
 bench-train: $(STAMP)
 	$(BIN)/python benchmarks/train_fashion_mnist.py
