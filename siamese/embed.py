@@ -20,7 +20,7 @@ from siamese.errors import SiameseError
 from siamese.images import ImageDecodeError, ImageSource, decode_image
 from siamese.models import build_embedding, load_embedding, model_fingerprint
 from siamese.pipeline import Cache
-from siamese.search import Engine, Index, Match
+from siamese.search import Engine, Index, Match, make_engine
 from siamese.tfdata import image_dataset
 from siamese.util import parallel_map, plural
 
@@ -115,7 +115,9 @@ class Embedder:
         `Hnsw(m=8)`, or a registered name meaning its defaults; default balltree). The index records this model
         and its recipe (so queries load it again), the catalog it came from (`labeled_data`, its image folder and
         hash) and, for a shard of it (see `siamese.search.merge.shard_catalog`), the `part`. What `--export balltree`
-        runs; save it with `.save(DIR)`."""
+        runs; save it with `.save(DIR)`. Engine settings that cannot hold the catalog are refused before any image
+        is embedded."""
+        make_engine(engine).check_fits(len(catalog.filenames), self.info.embedding_dim)
         embeddings = embed_catalog(self.model, catalog, batch_size, progress=progress)
         check_finite(embeddings, self.info.source, catalog.filenames)
         source = {"labeled_data": str(Path(labeled_data).resolve()) if labeled_data else None,

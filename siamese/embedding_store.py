@@ -331,7 +331,7 @@ def index_stores(stores: Sequence[str | os.PathLike], engine: str | Engine = "ba
     order given, with no model and no images: parts are read one at a time and their embeddings written to a
     memory-mapped temporary file, so building holds the engine and a block. The index records the stores' model
     and recipe, so its queries are embedded as a catalog's index's are. Stores of different models are refused."""
-    from siamese.search import Index
+    from siamese.search import Index, make_engine
 
     if not stores:
         raise SiameseError("Expected at least one embedding store. Received: none. Fix: pass the stores' folders.")
@@ -349,6 +349,7 @@ def index_stores(stores: Sequence[str | os.PathLike], engine: str | Engine = "ba
     if total == 0:
         raise SiameseError(f"Expected stores with rows. Received: {', '.join(s.path for s in opened)}, empty. Fix: "
                            "embed a catalog into them first.")
+    make_engine(engine).check_fits(total, first.dim)  # before any part is read
     items: list[str] = []
     filenames: list[str] = []
     labels: list[tuple[str, ...]] = []

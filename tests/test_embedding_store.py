@@ -27,7 +27,7 @@ from siamese.embedding_job import embed_to_store
 from siamese.embedding_store import MANIFEST, EmbeddingStore, index_stores
 from siamese.errors import SiameseError
 from siamese.models import build_embedding
-from siamese.search import ENGINES, Index
+from siamese.search import ENGINES, Faiss, Index
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -373,6 +373,17 @@ def actor_pids(within: dict[int, str] | None = None) -> list[int]:
     """The processes of the embedding actors (Ray titles them after the class)."""
     table = within if within is not None else {pid: cmd for pid, (_, cmd) in processes().items()}
     return [pid for pid, cmdline in table.items() if "EmbedActor" in cmdline and alive(pid)]
+
+
+def test_index_embeddings_refuses_a_budget_too_small_before_reading_a_part(data, embedder, tmp_path, monkeypatch):
+    embed_to_store(embedder, catalog(data), tmp_path / "store", progress=False, workers=1)
+
+    def not_read(*args, **kwargs):
+        raise AssertionError("a part was read")
+
+    monkeypatch.setattr(EmbeddingStore, "batches", not_read)
+    with pytest.raises(SiameseError, match=r"^Expected `max_memory` >= .* for 200 rows of 8 dimensions\. Received"):
+        index_stores([tmp_path / "store"], Faiss(max_memory=1))
 
 
 @pytest.mark.slow  # a Ray of its own and the actors' TensorFlow: about 40 s

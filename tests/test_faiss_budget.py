@@ -245,3 +245,25 @@ def test_budget_settings_are_checked_and_are_flags_of_index():
     with pytest.raises(SiameseError) as refused:
         Faiss.from_settings(engine_settings(args))
     assert translate(str(refused.value), parser) == "Expected --max-memory like 4G or 512M. Received: 'x'"
+
+
+def test_an_index_of_a_catalog_refuses_a_budget_too_small_before_embedding_an_image(tmp_path, monkeypatch):
+    import keras
+
+    import siamese.embed
+    from siamese.catalog import load_catalog
+    from siamese.embed import Embedder
+    from siamese.models import build_embedding
+    from tests.conftest import solid_catalog
+
+    keras.utils.set_random_seed(0)
+    build_embedding("small_cnn", 16, 8).save(tmp_path / "model.keras")
+    solid_catalog(tmp_path / "data", {"a": (3, []), "b": (2, [])})
+    catalog = load_catalog(tmp_path / "data" / "labeled.json", tmp_path / "data")
+
+    def not_embedded(*args, **kwargs):
+        raise AssertionError("an image was embedded")
+
+    monkeypatch.setattr(siamese.embed, "embed_catalog", not_embedded)
+    with pytest.raises(SiameseError, match=r"^Expected `max_memory` >= .* for 5 rows of 8 dimensions\. Received: 1 B"):
+        Embedder.load(tmp_path / "model.keras").index(catalog, Faiss(max_memory=1))

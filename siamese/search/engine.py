@@ -70,6 +70,11 @@ class Engine(ABC):
         """The values `knob` may take once built; None for an exact engine (nothing held out, nothing tuned)."""
         return None
 
+    def check_fits(self, rows: int, dim: int) -> None:
+        """Refuse, before any embedding is computed or read, settings that cannot hold `rows` rows of `dim`
+        dimensions (faiss's `max_memory`). Default: anything fits."""
+        return None
+
     def add(self, embeddings: np.ndarray, rows: np.ndarray) -> None:
         """Add the sorted `rows` of `embeddings` (the held-out ones, after tuning)."""
         raise NotImplementedError(f"{self.name} holds every row once built")

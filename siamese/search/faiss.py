@@ -242,6 +242,10 @@ class Faiss(Engine):
         self.params.update(type="IndexIVFFlat", spherical=True, seed=SEED, train_rows=min(rows, 256 * nlist))
         self.add(embeddings, rows_except(rows, held))
 
+    def check_fits(self, rows: int, dim: int) -> None:
+        if self.max_memory is not None:
+            choose_index_key(rows, dim, self.max_memory)
+
     def build_budget(self, embeddings: np.ndarray, held: np.ndarray) -> None:
         """The index of `choose_index_key` (refused before any work when none fits `max_memory`), in inner product:
         an IVF or PQ one trained on a seeded sample (`train_rows`), then every row but `held` added a block at a
