@@ -345,6 +345,11 @@ def test_the_rows_are_memory_mapped_and_read_by_position(tmp_path):
     assert (loaded.items[-1], loaded.items[2:4], len(loaded.items)) == (index.items[2999], index.items[2:4], 3000)
     with pytest.raises(IndexError, match="row 3000 of 3000"):
         loaded.items[3000]
+    want = [r for r, item in enumerate(index.items) if item == index.items[7]]
+    np.testing.assert_array_equal(loaded.rows.of_item(index.items[7]), want)
+    assert loaded.rows.of_item("no such item").size == 0
+    assert loaded.rows.all_labels() == sorted({label for labels in index.labels for label in labels})
+    assert loaded.rows.distinct_items() == len(set(index.items)) == 300
 
 
 @pytest.mark.parametrize(("write", "message"), [

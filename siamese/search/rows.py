@@ -118,3 +118,15 @@ class Rows:
         import pyarrow.compute as pc
 
         return pc.count_distinct(self.table.column("item")).as_py()
+
+    def of_item(self, item: str) -> np.ndarray:
+        """The rows (ascending) of `item`, found by one vectorised scan of the column."""
+        import pyarrow.compute as pc
+
+        return np.flatnonzero(pc.equal(self.table.column("item"), item).to_numpy(zero_copy_only=False))
+
+    def all_labels(self) -> list[str]:
+        """Every label of the rows, once each, sorted."""
+        import pyarrow.compute as pc
+
+        return sorted(pc.unique(pc.list_flatten(self.table.column("labels"))).to_pylist())

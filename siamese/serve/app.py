@@ -263,10 +263,10 @@ def create_app(index_dir: str | os.PathLike, keras_model: str | os.PathLike | No
     async def item(item_id: str):
         """An item's images (row, filename) and labels."""
         served = live.current
-        rows = served.rows_of_item.get(item_id)
-        if rows is None:
-            raise Problem(404, f"No item {item_id!r} in the index. Fix: use an item id that /search returned.")
         index = served.index
+        rows = index.rows.of_item(item_id).tolist()
+        if not rows:
+            raise Problem(404, f"No item {item_id!r} in the index. Fix: use an item id that /search returned.")
         labels = sorted({label for r in rows for label in index.labels[r]})
         return {"item": item_id, "labels": labels, "images": [{"row": r, "filename": index.filenames[r]} for r in rows]}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from siamese.embed import Embedder
@@ -38,20 +38,20 @@ class Served:
     embedder: Embedder
     batcher: Batcher
     stamp: tuple[int, int] | None
-    rows_of_item: dict[str, list[int]] = field(default_factory=dict)
     labels: frozenset[str] = frozenset()  # every label of the index's images
+    items: int = 0
     image_dir: Path | None = None
 
     def __post_init__(self) -> None:
-        for row, item in enumerate(self.index.items):
-            self.rows_of_item.setdefault(item, []).append(row)
-        self.labels = frozenset(label for row in self.index.labels for label in row)
+        # vectorised over the Arrow rows: no Python object per indexed row (an item's rows: `index.rows.of_item`)
+        self.labels = frozenset(self.index.rows.all_labels())
+        self.items = self.index.rows.distinct_items()
         folder = self.index.source.get("image_dir")
         self.image_dir = Path(folder).resolve() if folder else None
 
     def info(self) -> dict:
         labels = sorted(self.labels)
-        return {"engine": self.index.engine.description, "rows": len(self.index), "items": len(self.rows_of_item),
+        return {"engine": self.index.engine.description, "rows": len(self.index), "items": self.items,
                 "dim": self.index.dim, "model": {k: self.index.model.get(k) for k in ("source", "fingerprint")},
                 "recall_at_10": self.index.recall_at_10, "image_size": self.batcher.image_size, "labels": labels}
 
