@@ -12,7 +12,7 @@ import numpy as np
 
 from siamese.errors import SiameseError
 from siamese.search.engine import Engine, Knob, Setting, check_at_least, check_target_recall, register_engine
-from siamese.search.kernel import by_block, squared_norms, take
+from siamese.search.kernel import by_block, candidate_distances, squared_norms, take
 from siamese.search.tuning import SEED, TARGET_RECALL, rows_except
 from siamese.util import usable_cpus
 
@@ -155,8 +155,6 @@ QUANTIZER_EF = 2
 """The HNSW32 graph of a PQ index's list centroids searches with efSearch QUANTIZER_EF x nprobe (autofaiss's)."""
 HNSW_MAX_EF = 1 << 16
 """The largest efSearch (`nprobe`) of an HNSW index under a budget."""
-RERANK_FLOATS = 1 << 22
-"""Candidate coordinates gathered at once while re-ranking (16 MiB of float32, 32 MiB as float64)."""
 
 
 @register_engine("faiss")
@@ -386,20 +384,15 @@ class Faiss(Engine):
 
     def reranked(self, queries: np.ndarray, found: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The `k` nearest of each query's candidate rows `found` (-1: none) by their exact distance to the
-        embeddings (float64; ties by lower row), gathered a few queries at a time (RERANK_FLOATS)."""
+        embeddings (float64, `candidate_distances`; ties by lower row)."""
         distances = np.full((len(queries), k), np.inf, np.float32)
         indices = np.full((len(queries), k), -1, np.int64)
-        step = max(1, RERANK_FLOATS // (found.shape[1] * self.embeddings.shape[1]))
-        for start in range(0, len(queries), step):
-            rows = found[start : start + step]
-            diff = take(self.embeddings, np.maximum(rows, 0)).astype(np.float64)
-            diff -= queries[start : start + step, None]
-            squared = np.where(rows >= 0, np.einsum("ijk,ijk->ij", diff, diff), np.inf)
-            order = np.lexsort((rows, squared), axis=1)[:, :k]
-            best = np.take_along_axis(rows, order, axis=1)
-            near = np.take_along_axis(squared, order, axis=1)
-            indices[start : start + step, : best.shape[1]] = np.where(np.isfinite(near), best, -1)
-            distances[start : start + step, : best.shape[1]] = np.sqrt(near)
+        squared = candidate_distances(self.embeddings, queries, found)
+        order = np.lexsort((found, squared), axis=1)[:, :k]
+        best = np.take_along_axis(found, order, axis=1)
+        near = np.take_along_axis(squared, order, axis=1)
+        indices[:, : best.shape[1]] = np.where(np.isfinite(near), best, -1)
+        distances[:, : best.shape[1]] = np.sqrt(near)
         return distances, indices
 
     @property

@@ -19,6 +19,8 @@ PASS_ROWS = 1 << 12
 """Rows read at once by a pass over every embedding (2 MiB at 128 dimensions)."""
 GROUP = 64
 """`kneighbors` keeps the best k scores of a row of a block from its best k groups of GROUP (their maxima)."""
+GATHER_FLOATS = 1 << 22
+"""Candidate coordinates gathered at once by `candidate_distances` (16 MiB of float32, 32 MiB as float64)."""
 
 
 def squared_norms(x: np.ndarray) -> np.ndarray:
@@ -61,6 +63,19 @@ def take(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
     for low, high, vectors in by_block(x, unique):
         out[low:high] = vectors
     return out[inverse].reshape(*rows.shape, *x.shape[1:])
+
+
+def candidate_distances(x: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances (float64, `rows.shape`) of each query to its candidate `rows` of `x` (one row of
+    `rows` per query; inf where a candidate is -1), gathered a few queries at a time (GATHER_FLOATS)."""
+    out = np.empty(rows.shape, np.float64)
+    step = max(1, GATHER_FLOATS // max(1, rows.shape[1] * x.shape[1]))
+    for start in range(0, len(queries), step):
+        some = rows[start : start + step]
+        diff = take(x, np.maximum(some, 0)).astype(np.float64)
+        diff -= queries[start : start + step, None]
+        out[start : start + step] = np.where(some >= 0, np.einsum("ijk,ijk->ij", diff, diff), np.inf)
+    return out
 
 
 def write_rows(f, x: np.ndarray) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from siamese.search.engine import Engine, Setting
-from siamese.search.kernel import kneighbors, take
+from siamese.search.kernel import candidate_distances, kneighbors, take
 
 RECALL_QUERIES = 1000
 """Most own rows (a seeded sample of a tenth) held out of an approximate engine to measure its recall@10."""
@@ -41,17 +41,9 @@ def powers_of_two(first: int, last: int) -> list[int]:
 
 def recall(embeddings: np.ndarray, queries: np.ndarray, truth: np.ndarray, found: np.ndarray) -> float:
     """Share of the true k nearest rows found; a found row as near as the true k-th counts (ties, duplicates).
-    The rows are gathered once; distances are in float64, 128 queries at a time."""
-    kth_rows, found_rows = take(embeddings, truth[:, -1:]), take(embeddings, np.maximum(found, 0))
-
-    def squared(rows: np.ndarray, start: int) -> np.ndarray:
-        diff = rows[start : start + 128].astype(np.float64) - queries[start : start + 128, None]
-        return np.einsum("ijk,ijk->ij", diff, diff)
-
-    hits = 0
-    for start in range(0, len(queries), 128):
-        near = found[start : start + 128] >= 0
-        hits += (near & (squared(found_rows, start) <= squared(kth_rows, start) * (1 + 1e-9))).sum()
+    Distances are in float64 (`candidate_distances`)."""
+    kth = candidate_distances(embeddings, queries, truth[:, -1:])
+    hits = (candidate_distances(embeddings, queries, found) <= kth * (1 + 1e-9)).sum()  # a missing row (-1): inf
     return float(hits / found.size)
 
 
