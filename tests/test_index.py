@@ -349,7 +349,7 @@ def test_the_rows_are_memory_mapped_and_read_by_position(tmp_path):
     np.testing.assert_array_equal(loaded.rows.of_item(index.items[7]), want)
     assert loaded.rows.of_item("no such item").size == 0
     assert loaded.rows.all_labels() == sorted({label for labels in index.labels for label in labels})
-    assert loaded.rows.distinct_items() == len(set(index.items)) == 300
+    assert loaded.rows.item_count == len(set(index.items)) == 300
 
 
 @pytest.mark.parametrize(("write", "message"), [

@@ -196,7 +196,7 @@ class Index:
         if not by_item and label is None:
             return [self._matches(d, i) for d, i in zip(*self.kneighbors(vectors, k, **knob), strict=True)]
         if by_item:
-            self._check_k(k, self.rows.distinct_items(), "item")
+            self._check_k(k, self.rows.item_count, "item")
         else:
             self._check_k(k, len(self), "image")
         results = []

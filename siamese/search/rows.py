@@ -5,6 +5,7 @@ Python object is made per indexed row. `Rows.items`, `.filenames` and `.labels` 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -114,7 +115,9 @@ class Rows:
         taken = self.table.take(np.asarray(positions, np.int64)).to_pydict()
         return list(zip(taken["item"], taken["filename"], map(tuple, taken["labels"]), strict=True))
 
-    def distinct_items(self) -> int:
+    @functools.cached_property
+    def item_count(self) -> int:
+        """How many distinct items the rows hold (counted once: the rows never change)."""
         import pyarrow.compute as pc
 
         return pc.count_distinct(self.table.column("item")).as_py()

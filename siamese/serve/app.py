@@ -264,11 +264,13 @@ def create_app(index_dir: str | os.PathLike, keras_model: str | os.PathLike | No
         """An item's images (row, filename) and labels."""
         served = live.current
         index = served.index
-        rows = index.rows.of_item(item_id).tolist()
-        if not rows:
+        rows = index.rows.of_item(item_id)
+        if not len(rows):
             raise Problem(404, f"No item {item_id!r} in the index. Fix: use an item id that /search returned.")
-        labels = sorted({label for r in rows for label in index.labels[r]})
-        return {"item": item_id, "labels": labels, "images": [{"row": r, "filename": index.filenames[r]} for r in rows]}
+        taken = index.rows.take(rows)  # (item, filename, labels) of each
+        images = [{"row": int(r), "filename": filename} for r, (_, filename, _) in zip(rows, taken, strict=True)]
+        labels = sorted({label for *_, of_row in taken for label in of_row})
+        return {"item": item_id, "labels": labels, "images": images}
 
     @app.get("/images/{row}")
     async def image(row: int, size: int | None = Query(None, description="a square thumbnail of this many pixels")):

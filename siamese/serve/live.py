@@ -39,19 +39,17 @@ class Served:
     batcher: Batcher
     stamp: tuple[int, int] | None
     labels: frozenset[str] = frozenset()  # every label of the index's images
-    items: int = 0
     image_dir: Path | None = None
 
     def __post_init__(self) -> None:
         # vectorised over the Arrow rows: no Python object per indexed row (an item's rows: `index.rows.of_item`)
         self.labels = frozenset(self.index.rows.all_labels())
-        self.items = self.index.rows.distinct_items()
         folder = self.index.source.get("image_dir")
         self.image_dir = Path(folder).resolve() if folder else None
 
     def info(self) -> dict:
         labels = sorted(self.labels)
-        return {"engine": self.index.engine.description, "rows": len(self.index), "items": self.items,
+        return {"engine": self.index.engine.description, "rows": len(self.index), "items": self.index.rows.item_count,
                 "dim": self.index.dim, "model": {k: self.index.model.get(k) for k in ("source", "fingerprint")},
                 "recall_at_10": self.index.recall_at_10, "image_size": self.batcher.image_size, "labels": labels}
 
