@@ -149,11 +149,12 @@ def read_rows(path: Path, count: int, sha256: str | None, refuse: Callable[[str]
     """The `count` rows of the Arrow file at `path` (memory-mapped), or of the JSON of format versions 1 and 2, after
     checking the file's SHA-256 before anything parses it."""
     try:
-        if sha256_of(path) != sha256:
+        text = path.read_bytes() if path.suffix == ".json" else None  # read once: hashed, then parsed
+        if (sha256_of(path) if text is None else hashlib.sha256(text).hexdigest()) != sha256:
             raise refuse(f"{path.name} was modified after the index was written (SHA-256 mismatch)")
-        if path.suffix == ".json":
-            with open(path, "rb") as f:
-                data = json.load(f)
+        if text is not None:
+            data = json.loads(text)
+            del text
             parts = data["items"], data["filenames"], data["labels"]
             if not all(isinstance(x, list) and len(x) == count for x in parts):
                 raise refuse(f"{path.name} does not have one item, filename and labels list per row ({count})")
