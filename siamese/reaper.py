@@ -51,12 +51,14 @@ def note(known: dict[int, str], mark: bytes, run: int) -> dict[int, tuple[int, s
     for pid, start in list(known.items()):
         if table.get(pid, (0, ""))[1] != start:
             del known[pid]  # it ended; its pid may be another process's now
-    grew = True
-    while grew:
-        grew = False
-        for pid, (parent, start) in table.items():
-            if pid not in known and pid != run and (parent in known or carries(pid, mark)):
-                known[pid], grew = start, True
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    todo = [*known, *(pid for pid in table if pid not in known and pid != run and carries(pid, mark))]
+    while todo:  # the marked and the known, then everything below them
+        pid = todo.pop()
+        known.setdefault(pid, table[pid][1])
+        todo += [child for child in children.get(pid, ()) if child not in known and child != run]
     return table
 
 
