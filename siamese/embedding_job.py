@@ -2,7 +2,10 @@
 
 A run embeds only the images whose file SHA-256 the store (of the same model) does not hold, copies the others'
 embeddings from it, drops the rows of images no longer in the catalog, and writes the new version of the store
-(see `siamese.embedding_store`), all under the store's lock. Two runners embed: "local" in this process with the
+(see `siamese.embedding_store`), all under the store's lock. A file is hashed again only when its stamp (size,
+mtime in ns, inode: `siamese.images.file_stamp`) differs from the one the store recorded when it hashed it, as git
+and make tell a changed file: an edit that kept all three (a rewrite of the same size, its mtime set back by hand,
+in place) goes unseen; `replace=True` hashes and embeds everything. Two runners embed: "local" in this process with the
 decode workers of `siamese.embed.embed_catalog`, "ray" on Ray Data (`siamese.ray_runner`); they write the same
 store.
 """
@@ -22,7 +25,7 @@ from siamese.catalog import Catalog
 from siamese.embed import Embedder, check_finite, embed_catalog
 from siamese.embedding_store import PART_ROWS, EmbeddingStore, StoreWriter, claim_store, local_folder, store_exists
 from siamese.errors import SiameseError
-from siamese.images import OnBadImage, check_images, open_file
+from siamese.images import ImageDecodeError, OnBadImage, check_images, file_stamp, open_file
 from siamese.util import parallel_map, plural
 
 RUNNERS = ("local", "ray")
@@ -33,7 +36,8 @@ Sink = Callable[[np.ndarray, np.ndarray], None]
 @dataclass(frozen=True)
 class EmbedResult:
     """What `embed_to_store` did: `new` images embedded, `kept` rows whose embeddings came from the store, `dropped`
-    rows of images no longer in the catalog (or changed), `skipped` bad images left out; `rows` the store holds."""
+    rows of images no longer in the catalog (or changed), `skipped` bad images left out; `rows` the store holds;
+    `hashed` the image files read to hash them (the others' stamps matched the store's)."""
 
     store: str
     new: int
@@ -42,6 +46,7 @@ class EmbedResult:
     skipped: int
     rows: int
     runner: str
+    hashed: int = 0
 
     @property
     def embedded(self) -> int:
@@ -96,15 +101,14 @@ def embed_to_store(
         raise SiameseError("Expected a catalog with images. Received: none. Fix: pass a catalog that lists images.")
     with claim_store(store):
         old = _previous(store, embedder, replace)
-        hashes = list(parallel_map(file_sha256, list(catalog.paths), workers=workers, progress=progress,
-                                   desc="hashing images"))
+        stamps, hashes, hashed = _hash_files(catalog, old, workers, progress)
         known: dict[str, int] = {}
         if old is not None:
             known = {sha: row for row, sha in enumerate(old.rows().column("sha256").to_pylist())}
         todo = np.array([i for i, sha in enumerate(hashes) if sha is None or sha not in known], np.int64)
-        if old is not None and not len(todo) and _unchanged(old, catalog, hashes):
+        if old is not None and not len(todo) and _unchanged(old, catalog, hashes, stamps):
             old.verify()  # what an update would have found reading it
-            return EmbedResult(os.fspath(store), 0, len(old), 0, 0, len(old), runner)
+            return EmbedResult(os.fspath(store), 0, len(old), 0, 0, len(old), runner, hashed)
         with tempfile.TemporaryFile(dir=_scratch(store)) as scratch:
             vectors = np.memmap(scratch, np.float32, "w+", shape=(len(catalog.filenames), embedder.info.embedding_dim))
             if old is not None:
@@ -123,7 +127,7 @@ def embed_to_store(
                 writer.write([catalog.items[catalog.image_item[i]].id for i in rows],
                              [catalog.filenames[i] for i in rows],
                              [catalog.items[catalog.image_item[i]].labels for i in rows],
-                             [hashes[i] for i in rows], vectors[rows])
+                             [hashes[i] for i in rows], vectors[rows], [stamps[i] for i in rows])
             new = len(todo) - len(bad)
             now = {(catalog.filenames[i], hashes[i]) for i in good}
             dropped = 0 if old is None else sum(
@@ -134,7 +138,45 @@ def embed_to_store(
             writer.commit({"model": embedder.info.to_dict(), "embedder": embedder.recipe, "source": source,
                            "image_size": embedder.info.image_size, "items": len(kept_catalog), "counts": counts,
                            "runner": runner})
-    return EmbedResult(os.fspath(store), new, len(good) - new, dropped, len(bad), len(good), runner)
+    return EmbedResult(os.fspath(store), new, len(good) - new, dropped, len(bad), len(good), runner, hashed)
+
+
+def _hash_files(catalog: Catalog, old: EmbeddingStore | None, workers: int | None,
+                progress: bool) -> tuple[list[list[int] | None], list[str | None], int]:
+    """Each catalog image's stamp (None: not a readable regular file) and SHA-256 (None: unreadable), and how many
+    files were read to hash them: an image whose stamp equals the one `old` recorded for its filename keeps the
+    hash recorded with it."""
+    root = os.fspath(catalog.image_dir)
+    paths = [os.path.join(root, f) for f in catalog.filenames]
+    stamps: list[list[int] | None] = []
+    for path in paths:
+        try:
+            stamps.append(file_stamp(path))
+        except ImageDecodeError:
+            stamps.append(None)
+    hashes: list[str | None] = [None] * len(paths)
+    same = np.zeros(len(paths), bool)
+    if old is not None and old.version >= 2:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        rows = old.rows()
+        at = pc.index_in(pa.array(catalog.filenames, pa.string()), value_set=rows.column("filename"))
+        at = at.fill_null(-1).to_numpy()
+        recorded = rows.column("stamp").combine_chunks()
+        known = np.asarray(recorded.is_valid())
+        recorded = np.asarray(recorded.fill_null([0, 0, 0]).flatten(), np.int64).reshape(-1, 3)
+        now = np.array([stamp or (-1, -1, -1) for stamp in stamps], np.int64).reshape(-1, 3)
+        found = np.flatnonzero(at >= 0)
+        same[found] = known[at[found]] & (recorded[at[found]] == now[found]).all(axis=1)
+        shas = rows.column("sha256").to_pylist()
+        for i in np.flatnonzero(same):
+            hashes[i] = shas[at[i]]
+    todo = np.flatnonzero(~same).tolist()
+    for i, sha in zip(todo, parallel_map(file_sha256, [paths[i] for i in todo], workers=workers, progress=progress,
+                                         desc="hashing images"), strict=True):
+        hashes[i] = sha
+    return stamps, hashes, len(todo)
 
 
 def _previous(store: str | os.PathLike, embedder: Embedder, replace: bool) -> EmbeddingStore | None:
@@ -165,14 +207,14 @@ def _columns(store: EmbeddingStore, *names: str) -> list[list]:
     return [rows.column(name).to_pylist() for name in names]
 
 
-def _unchanged(old: EmbeddingStore, catalog: Catalog, hashes: list[str | None]) -> bool:
-    """Whether `old` holds exactly `catalog`'s images (items, filenames, labels, hashes), in order."""
-    if len(old) != len(catalog.filenames):
+def _unchanged(old: EmbeddingStore, catalog: Catalog, hashes: list[str | None], stamps: list) -> bool:
+    """Whether `old` holds exactly `catalog`'s images (items, filenames, labels, hashes, stamps), in order."""
+    if len(old) != len(catalog.filenames) or old.version < 2:
         return False
-    items, filenames, labels, shas = _columns(old, "item", "filename", "labels", "sha256")
+    items, filenames, labels, shas, recorded = _columns(old, "item", "filename", "labels", "sha256", "stamp")
     owners = [catalog.items[i] for i in catalog.image_item]
     return (items == [o.id for o in owners] and filenames == list(catalog.filenames) and shas == hashes
-            and labels == [list(o.labels) for o in owners])
+            and recorded == stamps and labels == [list(o.labels) for o in owners])
 
 
 def _copy_kept(old: EmbeddingStore, known: dict[str, int], hashes: list[str | None], todo: np.ndarray,

@@ -230,11 +230,11 @@ class BadImagesError(SiameseError):
                          f"leave {'it' if len(bad) == 1 else 'them'} out{listed}.")
 
 
-def file_stamp(path: Path) -> list[int]:
+def file_stamp(path: str | os.PathLike) -> list[int]:
     """What tells a file changed without reading it: [size, mtime in ns, inode]. Raises `ImageDecodeError`
     when it cannot be read or is not a regular file."""
     try:
-        st = path.stat()
+        st = os.stat(path)
     except OSError as e:
         raise _unreadable(e) from None
     if not stat.S_ISREG(st.st_mode):
@@ -294,7 +294,7 @@ def find_bad_images(
         merged = dict(known)
         merged.update({f: [stamps[f], results[f]] for f in stamps})
         with contextlib.suppress(OSError):  # a read-only cache only costs a re-check next time
-            atomic.write_json(record_path, {"header": header, "files": merged})
+            atomic.write_json(record_path, {"header": header, "files": merged}, indent=None)
 
     owner = {f: catalog.items[i].id for f, i in zip(catalog.filenames, catalog.image_item, strict=True)}
     return [BadImage(owner[f], f, r) for f in catalog.filenames if (r := results[f]) is not None]

@@ -7,6 +7,7 @@ killed driver, the two-node cluster) come first, then the module's one Ray sessi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from siamese.embed import Embedder, embed_catalog
 from siamese.embedding_job import embed_to_store
 from siamese.embedding_store import MANIFEST, EmbeddingStore, index_stores
 from siamese.errors import SiameseError
+from siamese.images import file_stamp
 from siamese.models import build_embedding
 from siamese.search import ENGINES, Faiss, Index
 
@@ -105,7 +107,7 @@ def test_a_store_round_trips_rows_and_embeddings_a_part_at_a_time(data, embedder
     rows = store.rows().to_pylist()
     assert [r["row"] for r in rows] == list(range(200)) and [r["filename"] for r in rows] == list(cat.filenames)
     assert rows[0]["item"] == "digit_0" and rows[0]["labels"] == ["round"]
-    assert rows[0]["sha256"] == __import__("hashlib").sha256(cat.paths[0].read_bytes()).hexdigest()
+    assert rows[0]["sha256"] == hashlib.sha256(cat.paths[0].read_bytes()).hexdigest()
     sizes = [len(v) for _, v in store.batches(50)]
     assert sizes == [50, 14, 50, 14, 50, 14, 8]  # never across a part: one file at a time
     _, vectors = contents(tmp_path / "store")
@@ -135,7 +137,7 @@ def tamper(store: Path, change: str) -> None:
 
 @pytest.mark.parametrize(("change", "message"), [
     ("format", "Expected manifest.json of format 'siamese-embeddings'. Received: .* of 'something-else'"),
-    ("version", "Expected an embedding store of format version 1. Received: .* of version 99"),
+    ("version", "Expected an embedding store of format version 1 to 2. Received: .* of version 99"),
     ("dim", "the model makes 8-d embeddings, the store holds 9-d ones"),
     ("missing", r"part part-[0-9a-f]{16}\.parquet is missing\. Fix: embed the catalog again"),
     ("short", r"part part-[0-9a-f]{16}\.parquet is [\d,]+ bytes, manifest.json says [\d,]+: it was modified"),
@@ -195,6 +197,65 @@ def test_an_edited_image_is_embedded_again_and_its_old_row_dropped(data, embedde
     assert (result.new, result.kept, result.dropped) == (1, 199, 2)
     embed_to_store(embedder, catalog(images), tmp_path / "fresh", progress=False, workers=1)
     assert_same_store(tmp_path / "store", tmp_path / "fresh", atol=1e-6)  # embedded in other batches
+
+
+def test_a_rerun_hashes_only_the_files_whose_stamp_changed(data, embedder, tmp_path):
+    images = tmp_path / "data"
+    shutil.copytree(data / "images", images / "images")
+    shutil.copy(data / "base.json", images / "base.json")
+    store = tmp_path / "store"
+    assert embed_to_store(embedder, catalog(images), store, progress=False, workers=1).hashed == 200
+    before = (store / MANIFEST).read_bytes()
+    assert embed_to_store(embedder, catalog(images), store, progress=False, workers=1).hashed == 0
+    assert (store / MANIFEST).read_bytes() == before
+    cat = catalog(images)
+    st = os.stat(cat.paths[4])
+    os.utime(cat.paths[4], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: the same bytes, a new stamp
+    shutil.copy(sorted((data / "images" / "test").glob("*/*.png"))[0], cat.paths[6])  # new bytes
+    result = embed_to_store(embedder, catalog(images), store, progress=False, workers=1)
+    assert (result.hashed, result.new, result.kept, result.dropped) == (2, 1, 199, 1)
+    again = embed_to_store(embedder, catalog(images), store, progress=False, workers=1)
+    assert (again.hashed, again.new) == (0, 0)  # the touched file's new stamp was recorded
+    rows = EmbeddingStore.open(store).rows().to_pylist()
+    for i in (4, 6):
+        assert rows[i]["stamp"] == file_stamp(cat.paths[i])
+        assert rows[i]["sha256"] == hashlib.sha256(cat.paths[i].read_bytes()).hexdigest()
+
+
+def as_version_1(store: Path) -> None:
+    """Rewrite the store at `store` as format version 1 wrote it: parts without the stamp column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((store / MANIFEST).read_text())
+    for part in manifest["parts"]:
+        old = store / part["name"]
+        sink = pa.BufferOutputStream()
+        pq.write_table(pq.read_table(old).drop_columns(["stamp"]), sink, compression="zstd")
+        data = sink.getvalue().to_pybytes()
+        digest = hashlib.sha256(data).hexdigest()
+        part.update(name=f"part-{digest[:16]}.parquet", bytes=len(data), sha256=digest)
+        (store / part["name"]).write_bytes(data)
+        old.unlink()
+    manifest["version"] = 1
+    (store / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_version_1_store_without_stamps_reads_and_updates_hashing_every_file(data, embedder, tmp_path):
+    store = tmp_path / "store"
+    embed_to_store(embedder, catalog(data), store, progress=False, workers=1)
+    rows, vectors = contents(store)
+    as_version_1(store)
+    old = EmbeddingStore.open(store)
+    assert old.version == 1 and "stamp" not in old.rows().column_names
+    rows_v1, vectors_v1 = contents(store)
+    assert rows_v1 == [{k: v for k, v in r.items() if k != "stamp"} for r in rows]
+    np.testing.assert_array_equal(vectors_v1, vectors)
+    result = embed_to_store(embedder, catalog(data), store, progress=False, workers=1)
+    assert (result.hashed, result.new, result.kept, result.dropped) == (200, 0, 200, 0)
+    assert EmbeddingStore.open(store).version == 2
+    assert contents(store)[0] == rows
+    assert embed_to_store(embedder, catalog(data), store, progress=False, workers=1).hashed == 0
 
 
 def test_a_store_of_another_model_is_refused_unless_replaced(data, embedder, tmp_path):
