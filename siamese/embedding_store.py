@@ -5,8 +5,9 @@ A folder (or a URI pyarrow's filesystems open, e.g. `s3://bucket/store`) of:
     manifest.json            format, version, the model (fingerprint, source, image size, dim) and its recipe,
                              the catalog's hash, counts, and the part files with their row counts, sizes, SHA-256
     part-<hash>.parquet      one row per image, in catalog order: row (int64), item, filename, labels
-                             (list<string>), sha256 (of the image file's bytes), embedding
-                             (fixed_size_list<float32>[dim])
+                             (list<string>), sha256 (of the image file's bytes), stamp (the file's size,
+                             mtime in ns and inode when it was hashed: fixed_size_list<int64>[3], null where
+                             unknown; not in version 1), embedding (fixed_size_list<float32>[dim])
 
 Parts are written under names made of their content's hash, never over a part the manifest names with other
 bytes; the manifest is written last and atomically, and is the commit point: a run killed before it leaves the
@@ -39,12 +40,13 @@ if TYPE_CHECKING:
     from siamese.search import Engine, Index
 
 FORMAT = "siamese-embeddings"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 added the parts' `stamp` column; stores of version 1 still read (and update, hashing every file)."""
 MANIFEST = "manifest.json"
 PART_ROWS = 8192
 """Rows per part file (default): 42 MiB of embeddings at 1,280 dimensions, the most a reader holds at once."""
-METADATA = ("row", "item", "filename", "labels", "sha256")
-"""The columns of a store besides `embedding`, which `EmbeddingStore.rows` returns."""
+METADATA = ("row", "item", "filename", "labels", "sha256", "stamp")
+"""The columns of a store besides `embedding`, which `EmbeddingStore.rows` returns (no stamp in version 1)."""
 _PART = re.compile(r"part-[0-9a-f]{16}\.parquet")
 _OURS = re.compile(r"(part-[0-9a-f]{16}\.parquet|\.(manifest\.json|part-[0-9a-f]{16}\.parquet)\..+\.tmp)")
 """Names a store's folder may hold: parts (named or left by a killed run) and the temporary files of atomic writes."""
@@ -78,11 +80,12 @@ def store_exists(path: str | os.PathLike) -> bool:
     return filesystem.get_file_info(f"{root}/{MANIFEST}").size is not None
 
 
-def _schema(dim: int) -> pa.Schema:
+def _schema(dim: int, version: int = FORMAT_VERSION) -> pa.Schema:
     import pyarrow as pa
 
+    stamp = [("stamp", pa.list_(pa.int64(), 3))] if version >= 2 else []
     return pa.schema([("row", pa.int64()), ("item", pa.string()), ("filename", pa.string()),
-                      ("labels", pa.list_(pa.string())), ("sha256", pa.string()),
+                      ("labels", pa.list_(pa.string())), ("sha256", pa.string()), *stamp,
                       ("embedding", pa.list_(pa.float32(), dim))])
 
 
@@ -147,8 +150,8 @@ class EmbeddingStore:
             raise SiameseError(f"Expected {MANIFEST} of format {FORMAT!r}. Received: {self.path}/{MANIFEST} of "
                                f"{(m.get('format') if isinstance(m, dict) else type(m).__name__)!r}. Fix: pass a "
                                "folder written by `embed`.")
-        if m.get("version") != FORMAT_VERSION:
-            raise SiameseError(f"Expected an embedding store of format version {FORMAT_VERSION}. Received: "
+        if m.get("version") not in range(1, FORMAT_VERSION + 1):
+            raise SiameseError(f"Expected an embedding store of format version 1 to {FORMAT_VERSION}. Received: "
                                f"{self.path} of version {m.get('version')!r}. Fix: embed it again with this "
                                f"siamese ({__version__}), or use the siamese that wrote it.")
         dim, rows, parts = m.get("dim"), m.get("rows"), m.get("parts")
@@ -201,15 +204,22 @@ class EmbeddingStore:
     def parts(self) -> list[dict]:
         return self.manifest["parts"]
 
+    @property
+    def version(self) -> int:
+        """The store's format version (1 or 2; see `FORMAT_VERSION`)."""
+        return self.manifest["version"]
+
     def rows(self) -> pa.Table:
-        """Every row's metadata (row, item, filename, labels, sha256) in row order, without the embeddings (only
-        those columns are read)."""
+        """Every row's metadata (row, item, filename, labels, sha256, stamp: `METADATA`; no stamp in version 1) in
+        row order, without the embeddings (only those columns are read)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        tables = [pq.read_table(f"{self._root}/{p['name']}", columns=list(METADATA), filesystem=self.filesystem)
+        schema = _schema(self.dim, self.version)
+        columns = [name for name in METADATA if name in schema.names]
+        tables = [pq.read_table(f"{self._root}/{p['name']}", columns=columns, filesystem=self.filesystem)
                   for p in self.parts]
-        return pa.concat_tables(tables) if tables else _schema(self.dim).empty_table().drop_columns(["embedding"])
+        return pa.concat_tables(tables) if tables else schema.empty_table().drop_columns(["embedding"])
 
     def verify(self) -> None:
         """Check every part's SHA-256 against the manifest, a part at a time (what `batches` checks as it reads)."""
@@ -230,7 +240,7 @@ class EmbeddingStore:
 
         if n < 1:
             raise SiameseError(f"Expected `n` >= 1. Received: {n}")
-        expected, start = _schema(self.dim), 0
+        expected, start = _schema(self.dim, self.version), 0
         for part in self.parts:
             name = part["name"]
             with self.filesystem.open_input_stream(f"{self._root}/{name}") as f:
@@ -274,13 +284,17 @@ class StoreWriter:
         self.filesystem.create_dir(self._root, recursive=True)
 
     def write(self, items: Sequence[str], filenames: Sequence[str], labels: Sequence[Sequence[str]],
-              sha256: Sequence[str], embeddings: np.ndarray) -> None:
-        """Append rows (numbered on from the rows written so far) as parts of at most `part_rows` rows."""
+              sha256: Sequence[str], embeddings: np.ndarray,
+              stamps: Sequence[Sequence[int] | None] | None = None) -> None:
+        """Append rows (numbered on from the rows written so far) as parts of at most `part_rows` rows; `stamps`
+        (default: none known) are the files' `siamese.images.file_stamp` when they were hashed."""
+        stamps = [None] * len(filenames) if stamps is None else stamps
         for lo in range(0, len(filenames), self.part_rows):
             hi = min(lo + self.part_rows, len(filenames))
-            self._part(items[lo:hi], filenames[lo:hi], labels[lo:hi], sha256[lo:hi], embeddings[lo:hi])
+            self._part(items[lo:hi], filenames[lo:hi], labels[lo:hi], sha256[lo:hi], embeddings[lo:hi],
+                       stamps[lo:hi])
 
-    def _part(self, items, filenames, labels, sha256, embeddings: np.ndarray) -> None:
+    def _part(self, items, filenames, labels, sha256, embeddings: np.ndarray, stamps) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -290,6 +304,7 @@ class StoreWriter:
         columns = [pa.array(np.arange(self.rows, self.rows + len(filenames)), pa.int64()),
                    pa.array(list(items), pa.string()), pa.array(list(filenames), pa.string()),
                    pa.array([list(x) for x in labels], pa.list_(pa.string())), pa.array(list(sha256), pa.string()),
+                   pa.array([None if x is None else list(x) for x in stamps], pa.list_(pa.int64(), 3)),
                    pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.dim)]
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_arrays(columns, schema=_schema(self.dim)), sink, compression="zstd")
