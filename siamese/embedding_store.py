@@ -343,8 +343,9 @@ class StoreWriter:
 
 def index_stores(stores: Sequence[str | os.PathLike], engine: str | Engine = "balltree") -> Index:
     """One `Index` (`engine`: an `Engine` or a registered name, default balltree) of the rows of `stores` in the
-    order given, with no model and no images: parts are read one at a time and their embeddings written to a
-    memory-mapped temporary file, so building holds the engine and a block. The index records the stores' model
+    order given, with no model and no images: parts are read one at a time, their embeddings and rows written to
+    temporary files in the first store's folder and memory-mapped back, so building holds the engine and the pages
+    in use, never a Python object per row. The index records the stores' model
     and recipe, so its queries are embedded as a catalog's index's are. Stores of different models are refused."""
     from siamese.search import Index, make_engine
 
@@ -365,23 +366,23 @@ def index_stores(stores: Sequence[str | os.PathLike], engine: str | Engine = "ba
         raise SiameseError(f"Expected stores with rows. Received: {', '.join(s.path for s in opened)}, empty. Fix: "
                            "embed a catalog into them first.")
     make_engine(engine).check_fits(total, first.dim)  # before any part is read
-    items: list[str] = []
-    filenames: list[str] = []
-    labels: list[tuple[str, ...]] = []
-    with tempfile.TemporaryFile(dir=first.local if first.local is not None else None) as f:
-        embeddings = np.memmap(f, np.float32, "w+", shape=(total, first.dim))
-        row = 0
-        for store in opened:
-            for meta, vectors in store.batches():
-                embeddings[row : row + len(vectors)] = vectors
-                row += len(vectors)
-                items += meta.column("item").to_pylist()
-                filenames += meta.column("filename").to_pylist()
-                labels += [tuple(x) for x in meta.column("labels").to_pylist()]
-        embeddings.flush()
-        embeddings = np.memmap(f, np.float32, "r", shape=(total, first.dim))
+    import pyarrow as pa
+
+    from siamese.search.rows import CHUNK_ROWS, Rows
+
+    # the embeddings and rows go to files, memory-mapped back: building holds neither, only the pages in use
+    with tempfile.TemporaryDirectory(prefix=".index-", dir=first.local) as scratch:
+        vectors_path, rows_path = Path(scratch) / "embeddings.f32", Path(scratch) / "rows.arrow"
+        columns = Rows.from_lists([], [], []).table.schema
+        with open(vectors_path, "wb") as out, pa.OSFile(str(rows_path), "wb") as sink, \
+                pa.ipc.new_file(sink, columns) as writer:
+            for store in opened:
+                for meta, vectors in store.batches():
+                    out.write(np.ascontiguousarray(vectors, np.float32).data)
+                    writer.write_table(meta.select(columns.names).cast(columns), max_chunksize=CHUNK_ROWS)
+        embeddings = np.memmap(vectors_path, np.float32, "r", shape=(total, first.dim))
         digest = hashlib.sha256(json.dumps([s.manifest["source"].get("sha256") for s in opened]).encode())
         source = {**first.manifest["source"], "stores": [str(s.local or s.path) for s in opened],
                   "sha256": digest.hexdigest() if len(opened) > 1 else first.manifest["source"].get("sha256")}
-        return Index(embeddings, items, filenames, labels, engine=engine, model=first.model,
+        return Index(embeddings, rows=Rows.open(rows_path), engine=engine, model=first.model,
                      embedder=first.embedder, source=source)
