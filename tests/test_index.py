@@ -116,6 +116,16 @@ def test_rows_must_be_finite_non_zero_and_match_their_metadata():
         Index(unit_vectors(2, 3, 0), ["a"], ["1", "2"], [[], []])
     with pytest.raises(SiameseError, match="Expected `engine` to be one of balltree, brute, hnsw, faiss. Rec"):
         Index(unit_vectors(2, 3, 0), ["a", "b"], ["1", "2"], [[], []], engine="kd")
+    rows = Rows.from_lists(["a", "b"], ["1", "2"], [["x"], []])
+    with pytest.raises(SiameseError, match=r"`filenames` and `labels`, or `rows`\. Received: `items`$"):
+        Index(unit_vectors(2, 3, 0), ["a", "b"])
+    with pytest.raises(SiameseError, match=r"not both\. Received: `rows` and `labels`"):
+        Index(unit_vectors(2, 3, 0), labels=[[], []], rows=rows)
+    with pytest.raises(SiameseError, match=r"per row \(3 rows\)\. Received: 2 rows"):
+        Index(unit_vectors(3, 3, 0), rows=rows)
+    given = Index(unit_vectors(2, 3, 0), rows=rows)
+    assert given.rows is rows and list(given.labels) == [("x",), ()]
+    assert list(given.labels) == list(Index(unit_vectors(2, 3, 0), ["a", "b"], ["1", "2"], [["x"], []]).labels)
 
 
 @pytest.mark.parametrize("name", ENGINES)

@@ -45,7 +45,9 @@ class Match:
 
 
 class Index:
-    """Nearest-neighbour search over L2-normalised embeddings, one row per image, with its metadata.
+    """Nearest-neighbour search over L2-normalised embeddings, one row per image, with its metadata: `items`,
+    `filenames` and `labels` (one each per row), or `rows` (a `siamese.search.rows.Rows`, which may be
+    memory-mapped: no Python object per row).
 
     `engine` is an `Engine` with its settings (e.g. `Hnsw(m=8)`) or a registered name meaning its defaults
     (default "balltree"; see `siamese.search.ENGINES`); the index builds a copy of it, `index.engine` (its `name`,
@@ -60,10 +62,11 @@ class Index:
     def __init__(
         self,
         embeddings: np.ndarray,
-        items: Sequence[str],
-        filenames: Sequence[str],
-        labels: Sequence[Sequence[str]],
+        items: Sequence[str] | None = None,
+        filenames: Sequence[str] | None = None,
+        labels: Sequence[Sequence[str]] | None = None,
         *,
+        rows: Rows | None = None,
         engine: str | Engine = "balltree",
         model: dict | None = None,
         embedder: dict | None = None,
@@ -87,12 +90,22 @@ class Index:
             squared = squared_norms(embeddings)
         half_norms = (0.5 * squared).astype(np.float32)
         del squared, norms  # 12 MiB at a million rows, not kept while the engine is built
-        if not (len(items) == len(filenames) == len(labels) == embeddings.shape[0]):
-            raise SiameseError(
-                f"Expected one item, filename and labels per row ({embeddings.shape[0]} rows). "
-                f"Received: {len(items)} items, {len(filenames)} filenames, {len(labels)} labels"
-            )
-        self._hold(embeddings, Rows.from_lists(items, filenames, labels), engine, None, model, embedder, source, part)
+        given = [name for name, value in (("items", items), ("filenames", filenames), ("labels", labels))
+                 if value is not None]
+        if rows is None:
+            if len(given) < 3:
+                raise SiameseError(f"Expected `items`, `filenames` and `labels`, or `rows`. Received: "
+                                   f"{' and '.join(f'`{n}`' for n in given) or 'none of them'}")
+            if not (len(items) == len(filenames) == len(labels) == embeddings.shape[0]):
+                raise SiameseError(
+                    f"Expected one item, filename and labels per row ({embeddings.shape[0]} rows). "
+                    f"Received: {len(items)} items, {len(filenames)} filenames, {len(labels)} labels"
+                )
+            rows = Rows.from_lists(items, filenames, labels)
+        elif given:
+            raise SiameseError(f"Expected `rows` or `items`, `filenames` and `labels`, not both. Received: `rows` and "
+                               f"{' and '.join(f'`{n}`' for n in given)}")
+        self._hold(embeddings, rows, engine, None, model, embedder, source, part)
         held = held_out(len(embeddings)) if engine.knob else np.empty(0, np.int64)
         engine.build(embeddings, held, half_norms)
         self.recall = tune(engine, embeddings, held, half_norms)
