@@ -267,3 +267,32 @@ def test_an_index_of_a_catalog_refuses_a_budget_too_small_before_embedding_an_im
     monkeypatch.setattr(siamese.embed, "embed_catalog", not_embedded)
     with pytest.raises(SiameseError, match=r"^Expected `max_memory` >= .* for 5 rows of 8 dimensions\. Received: 1 B"):
         Embedder.load(tmp_path / "model.keras").index(catalog, Faiss(max_memory=1))
+
+
+@pytest.mark.slow  # a PQ index of 50,000 rows, as pq_index: about 30 s
+def test_many_lists_are_trained_by_two_level_k_means_of_the_rotated_rows_and_reach_the_target(monkeypatch, queries,
+                                                                                                pq_index):
+    monkeypatch.setattr(siamese.search.faiss, "OPQ_NITER", 10)
+    monkeypatch.setattr(siamese.search.faiss, "TWO_LEVEL_LISTS", 1024)  # pq_index's 1,024 lists, two-level
+    index = make_index(structured(ROWS), Faiss(max_memory=BUDGET, rerank=100))
+    engine = index.engine
+    assert engine.params["lists_trained"] == "two-level k-means (32 coarse)"
+    assert pq_index.engine.params["lists_trained"] == "k-means"
+    assert {k: v for k, v in engine.params.items() if k not in ("lists_trained", "nprobe")} == {
+        k: v for k, v in pq_index.engine.params.items() if k not in ("lists_trained", "nprobe")}
+    assert index.recall_at_10 >= 0.99
+    truth = kneighbors(index.embeddings, queries, 10)[1]
+    assert recall(index.kneighbors(queries, 10)[1], truth) >= 0.98
+    # the lists are of rows as OPQ rotates them (OPQ trained first, and not again): each row is near a centroid in
+    # the rotated space, as near as to plain k-means' centroids
+    pre = faiss.downcast_index(engine.index)
+    rows = np.ascontiguousarray(index.embeddings[:5000])
+
+    def nearest(index_) -> tuple[float, float]:
+        ivf = faiss.extract_index_ivf(index_)
+        centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+        rotated = faiss.downcast_index(index_).chain.at(0).apply(rows)
+        return float((rotated @ centroids.T).max(1).mean()), float((rows @ centroids.T).max(1).mean())
+
+    (two_level, unrotated), (plain, _) = nearest(pre), nearest(pq_index.engine.index)
+    assert plain - 0.02 <= two_level and unrotated < two_level - 0.2
