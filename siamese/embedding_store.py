@@ -341,13 +341,17 @@ class StoreWriter:
                 self.filesystem.delete_file(info.path)
 
 
-def index_stores(stores: Sequence[str | os.PathLike], engine: str | Engine = "balltree") -> Index:
+def index_stores(stores: Sequence[str | os.PathLike], engine: str | Engine = "balltree", runner: str = "local",
+                 ray_address: str | None = None) -> Index:
     """One `Index` (`engine`: an `Engine` or a registered name, default balltree) of the rows of `stores` in the
     order given, with no model and no images: parts are read one at a time, their embeddings and rows written to
     temporary files in the first store's folder and memory-mapped back, so building holds the engine and the pages
     in use, never a Python object per row. The index records the stores' model
-    and recipe, so its queries are embedded as a catalog's index's are. Stores of different models are refused."""
+    and recipe, so its queries are embedded as a catalog's index's are. Stores of different models are refused.
+    `runner` "ray" (faiss only; default "local") adds the rows on Ray, at `ray_address` (default $RAY_ADDRESS, else
+    a local Ray): see `siamese.search.faiss_ray`."""
     from siamese.search import Index, make_engine
+    from siamese.search.faiss_ray import with_runner
 
     if not stores:
         raise SiameseError("Expected at least one embedding store. Received: none. Fix: pass the stores' folders.")
@@ -365,6 +369,7 @@ def index_stores(stores: Sequence[str | os.PathLike], engine: str | Engine = "ba
     if total == 0:
         raise SiameseError(f"Expected stores with rows. Received: {', '.join(s.path for s in opened)}, empty. Fix: "
                            "embed a catalog into them first.")
+    engine = with_runner(engine, runner, opened, ray_address)
     make_engine(engine).check_fits(total, first.dim)  # before any part is read
     import pyarrow as pa
 

@@ -31,13 +31,22 @@ def register(commands) -> argparse.ArgumentParser:
         "--target-recall. --engine faiss --max-memory SIZE builds the index that budget holds (flat, HNSW, IVF, "
         "then OPQ + IVF + PQ codes; --rerank N ranks N candidates by exact distance). --embeddings STORE... builds "
         "the index from embedding stores written by `embed` instead, "
-        "with no model and no images. --shard I/N (deprecated) embeds one slice of the catalog, for several "
+        "with no model and no images; with --engine faiss, --runner ray adds their rows to the trained index on Ray "
+        "tasks (a local Ray, or the cluster that RAY_ADDRESS or --ray-address names) and merges them: the index of "
+        "the local build. --shard I/N (deprecated) embeds one slice of the catalog, for several "
         "machines; merge-index joins them: use `embed --runner ray` and `index --embeddings` instead.",
     )
     g = p.add_argument_group("embeddings")
     g.add_argument("--embeddings", nargs="+", metavar="STORE",
                    help="build the index from these embedding stores (written by `embed`), in order, instead of a "
                    "catalog: no model, no images; they must be of one model, which the index records for queries")
+    g.add_argument("--runner", choices=("local", "ray"), default="local",
+                   help="with --embeddings and --engine faiss: where the rows are added to the trained index: in "
+                   "this process (default), or by Ray tasks, a store part each, merged in row order (an IVF index; "
+                   "HNSW and flat ones are built here)")
+    g.add_argument("--ray-address", metavar="ADDR",
+                   help="with --runner ray: the cluster to join (default $RAY_ADDRESS; without it a local Ray "
+                   "is started and stopped)")
     g = add_catalog_args(p, required=False)
     g.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     g.add_argument("--shard", type=shard, metavar="I/N",
@@ -66,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
             raise SiameseError(f"Expected `embeddings` alone, or a catalog (`labeled_data` and `image_dir`). Received: "
                                f"`embeddings` with {' and '.join(f'`{n}`' for n in given)}. Fix: the stores hold the "
                                "embeddings and record their model: leave out the catalog and the model.")
+    elif args.runner != "local" or args.ray_address:
+        given = "`runner='ray'`" if args.runner != "local" else f"`ray_address='{args.ray_address}'`"
+        raise SiameseError(f"Expected `embeddings` with {given}. Received: "
+                           f"{'a catalog' if catalog else 'no stores'}. Fix: embed the catalog with "
+                           "`embed --runner ray` into a store, then index it with `embeddings` and `runner='ray'`.")
     elif len(catalog) < 2:
         raise SiameseError("Expected a catalog (`labeled_data` and `image_dir`) or `embeddings`. Received: "
                            f"{' '.join(f'`{n}`' for n in catalog) or 'neither'} alone. Fix: pass both, or build "
@@ -79,7 +93,7 @@ def _from_stores(args: argparse.Namespace) -> int:
     from siamese.search import ENGINES
 
     engine = ENGINES[args.engine].from_settings(engine_settings(args))
-    index = index_stores(args.embeddings, engine)
+    index = index_stores(args.embeddings, engine, args.runner, args.ray_address)
     out = index.save(args.output)
     print_index(index, f"Indexed {plural(len(index), 'image')} of {plural(len(args.embeddings), 'embedding store')}",
                 out)
