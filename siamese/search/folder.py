@@ -10,9 +10,10 @@
 
 `index.json` is replaced last and atomically, so a crash while saving leaves the previous index whole. Engines
 without a file (balltree, brute) are rebuilt on load; the others are read back. Loading checks every shape, type,
-value and hash before using anything, and that the engine file holds as many rows of as many dimensions as the
-embeddings. The embeddings are then memory-mapped read-only, so an hnsw or faiss index does not hold them twice in
-memory. Folders of every earlier format version still load (see `FORMAT_VERSION`).
+value and hash before using anything (files of 64 MiB and more only where they changed since this user's last
+full check of them: see `siamese.search.verified`), and that the engine file holds as many rows of as many
+dimensions as the embeddings. The embeddings are then memory-mapped read-only, so an hnsw or faiss index does not
+hold them twice in memory. Folders of every earlier format version still load (see `FORMAT_VERSION`).
 
 `save` reads an `Index`; `read` returns what `Index.from_built` takes, so this module never imports `Index`.
 """
@@ -34,6 +35,7 @@ from siamese.errors import SiameseError
 from siamese.search.engine import ENGINES
 from siamese.search.kernel import save_npy, squared_norms
 from siamese.search.rows import Rows
+from siamese.search.verified import Verified, stamp
 from siamese.util import utc_now
 
 if TYPE_CHECKING:
@@ -115,8 +117,9 @@ def read(directory: str | os.PathLike) -> dict:
         raise refuse(f"index.json is malformed ({type(e).__name__}: {e})") from None
     if not isinstance(name, str) or name not in ENGINES:
         raise refuse(f"expected an engine of {', '.join(ENGINES)}, found {name!r}")
-    embeddings = check_embeddings(embeddings_path, rows_count, dim, files.get("embeddings_sha256"), refuse)
-    rows = read_rows(rows_path, rows_count, files.get("rows_sha256"), refuse)
+    verified = Verified(directory)
+    embeddings = check_embeddings(embeddings_path, rows_count, dim, files.get("embeddings_sha256"), refuse, verified)
+    rows = read_rows(rows_path, rows_count, files.get("rows_sha256"), refuse, verified)
     for key in ("model", "embedder", "source", "part", "recall"):
         if not isinstance(settings.get(key), dict | None):
             raise refuse(f"expected {key} to be an object or null, found {settings[key]!r:.80}")
@@ -126,7 +129,7 @@ def read(directory: str | os.PathLike) -> dict:
     kind = ENGINES[name]
     if kind.suffix:
         engine_path = directory / Path(str(files.get("engine"))).name
-        if not engine_path.is_file() or sha256_of(engine_path) != files.get("engine_sha256"):
+        if not engine_path.is_file() or not matches(engine_path, files.get("engine_sha256"), verified):
             raise refuse(f"{engine_path.name} is missing or was modified after the index was written "
                          "(SHA-256 mismatch)")
         try:
@@ -138,6 +141,7 @@ def read(directory: str | os.PathLike) -> dict:
             engine = kind.read(None, embeddings, params)
         except (ValueError, TypeError, SiameseError) as e:
             raise refuse(str(e)) from None
+    verified.save()
     recall = settings.get("recall")
     if recall:  # what a rebuild (a merge of parts) keeps
         engine.target_recall = recall["target"]
@@ -145,12 +149,13 @@ def read(directory: str | os.PathLike) -> dict:
             **{key: settings.get(key) for key in ("model", "embedder", "source", "part")}}
 
 
-def read_rows(path: Path, count: int, sha256: str | None, refuse: Callable[[str], SiameseError]) -> Rows:
+def read_rows(path: Path, count: int, sha256: str | None, refuse: Callable[[str], SiameseError],
+              verified: Verified) -> Rows:
     """The `count` rows of the Arrow file at `path` (memory-mapped), or of the JSON of format versions 1 and 2, after
-    checking the file's SHA-256 before anything parses it."""
+    checking the file's SHA-256 (see `matches`) before anything parses it."""
     try:
         text = path.read_bytes() if path.suffix == ".json" else None  # read once: hashed, then parsed
-        if (sha256_of(path) if text is None else hashlib.sha256(text).hexdigest()) != sha256:
+        if not (matches(path, sha256, verified) if text is None else hashlib.sha256(text).hexdigest() == sha256):
             raise refuse(f"{path.name} was modified after the index was written (SHA-256 mismatch)")
         if text is not None:
             data = json.loads(text)
@@ -175,6 +180,18 @@ def engine_of(settings: dict, version: int) -> tuple[object, dict]:
     if version == 2:
         return settings["backend"], dict(settings["engine"])
     return settings["backend"], {"leaf_size": settings["leaf_size"]}
+
+
+def matches(path: Path, sha256: str | None, verified: Verified) -> bool:
+    """Whether the file at `path` has the SHA-256 `sha256`: read in full, unless `verified` holds a full check of
+    it that nothing wrote to since (see `siamese.search.verified`)."""
+    if verified.current(path, sha256):
+        return True
+    before = stamp(path)
+    if sha256_of(path) != sha256:
+        return False
+    verified.passed(path, sha256, before)
+    return True
 
 
 def sha256_of(path: Path) -> str:
@@ -224,11 +241,12 @@ def claim_output(directory: str | os.PathLike) -> AbstractContextManager[Path]:
 
 
 def check_embeddings(
-    path: Path, rows: int, dim: int, sha256: str | None, refuse: Callable[[str], SiameseError]
+    path: Path, rows: int, dim: int, sha256: str | None, refuse: Callable[[str], SiameseError], verified: Verified
 ) -> np.ndarray:
-    """Read-only memory map of the .npy at `path`, after one streaming pass over the file that checks its header
-    (plain float32 `(rows, dim)`: a pickle or an object array is refused, never unpickled), that its rows are
-    finite and unit, and its SHA-256: checking holds 16 MiB of it in memory at a time, not a second copy."""
+    """Read-only memory map of the .npy at `path`, after checking its header (plain float32 `(rows, dim)`: a pickle
+    or an object array is refused, never unpickled) and one streaming pass over the file that checks that its rows
+    are finite and unit, and its SHA-256: checking holds 16 MiB of it in memory at a time, not a second copy. The
+    pass is skipped where `verified` holds a full check of the file that nothing wrote to since."""
     headers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
     try:
         f = open(path, "rb")  # noqa: SIM115 (closed below, and by the with)
@@ -244,6 +262,9 @@ def check_embeddings(
         if dtype != np.float32 or fortran or shape != (rows, dim):
             raise refuse(f"expected float32 embeddings of shape {(rows, dim)}; {path.name} holds {dtype} {shape}"
                          f"{' in Fortran order' if fortran else ''}")
+        if verified.current(path, sha256):
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        before = stamp(path)
         digest = hashlib.sha256()
         header = f.tell()
         f.seek(0)
@@ -263,4 +284,5 @@ def check_embeddings(
             digest.update(rest)
     if digest.hexdigest() != sha256:
         raise refuse(f"{path.name} was modified after the index was written (SHA-256 mismatch)")
+    verified.passed(path, sha256, before)
     return np.load(path, mmap_mode="r", allow_pickle=False)
