@@ -13,7 +13,7 @@ import siamese.search.faiss
 from siamese.cli.common import Parser, add_engine_args, engine_settings, translate
 from siamese.errors import SiameseError
 from siamese.search import Faiss, Index
-from siamese.search.faiss import choose_index_key, family, format_size, parse_size
+from siamese.search.faiss import budget_lists, choose_index_key, family, format_size, parse_size
 from siamese.search.kernel import kneighbors
 
 
@@ -45,10 +45,13 @@ def test_sizes_are_written_rounded_up_and_read_back_at_least_as_large():
     (20_000, 128, "1M", "OPQ16_128,IVF512,PQ16x8"),  # few lists: found by a flat quantizer
     (1_000_000, 128, "1G", "IDMap,HNSW32,Flat"),  # from 100,000 rows: the graph if it fits
     (1_000_000, 128, "700M", "IDMap,HNSW16,Flat"),  # fewer links
-    (1_000_000, 128, "600M", "IVF16384,Flat"),  # no graph of 8 links: uncompressed lists
-    (1_000_000, 128, "100M", "OPQ64_128,IVF16384_HNSW32,PQ64x8"),
-    (1_000_000, 100, "30M", "OPQ8_104,IVF16384_HNSW32,PQ8x8"),  # rotated into a multiple of 8 dimensions
-    (10_000_000, 768, "8G", "OPQ256_768,IVF65536_HNSW32,PQ256x8"),
+    (1_000_000, 128, "600M", "IVF8192,Flat"),  # no graph of 8 links: uncompressed lists, as many as 256 MiB trains
+    (1_000_000, 128, "100M", "OPQ64_128,IVF4096_HNSW32,PQ64x8"),  # 16,384 lists would train on 1.9 GB
+    (1_000_000, 100, "30M", "OPQ8_104,IVF4096_HNSW32,PQ8x8"),  # rotated into a multiple of 8 dimensions
+    (10_000_000, 768, "8G", "OPQ256_768,IVF8192_HNSW32,PQ256x8"),
+    (10_000_000, 128, "1G", "OPQ64_128,IVF4096_HNSW32,PQ64x8"),
+    (10_000_000, 128, "4G", "OPQ64_128,IVF32768_HNSW32,PQ64x8"),  # more room to train: more lists
+    (100_000_000, 128, "16G", "OPQ64_128,IVF65536_HNSW32,PQ64x8"),
     (100_000_000, 512, "4T", "IDMap,HNSW32,Flat"),
 ])
 def test_the_budget_picks_the_index_it_holds(rows, dim, budget, key):
@@ -56,6 +59,16 @@ def test_the_budget_picks_the_index_it_holds(rows, dim, budget, key):
     assert chosen == key
     assert size * 1.1 <= parse_size(budget)
     assert family(chosen) == {"F": "flat", "I": "hnsw" if "HNSW" in key else "ivf-flat", "O": "pq"}[key[0]]
+
+
+@pytest.mark.parametrize(("rows", "dim", "budget"), [(10_000_000, 128, "1G"), (10_000_000, 768, "8G"),
+                                                   (1_000_000, 128, "600M"), (50_000, 128, "2.5M")])
+def test_the_training_sample_of_the_lists_fits_beside_the_index_or_in_256_mib(rows, dim, budget):
+    key, size = choose_index_key(rows, dim, parse_size(budget))
+    lists = int(key.split("IVF")[1].split("_")[0].split(",")[0])
+    copies = 3 if ",PQ" in key else 1
+    room = max(parse_size(budget) - 1.1 * size, 256 << 20)
+    assert 39 * lists * 4 * dim * copies <= room < 2 * 39 * lists * 4 * dim * copies or lists == budget_lists(rows)
 
 
 def test_more_budget_never_picks_a_smaller_index():
@@ -122,7 +135,7 @@ def test_a_small_budget_picks_pq_codes_and_rerank_reaches_the_target_recall(pq_i
     assert engine.params["key"] == key and engine.params["family"] == "pq" and engine.params["nlist"] == 1024
     assert engine.params["max_memory"] == parse_size(BUDGET) == 2_621_440
     assert engine.params["estimated_bytes"] * 1.1 <= parse_size(BUDGET)
-    assert engine.params["train_rows"] == 39 * 1024  # FAISS's least: the budget leaves no room for more
+    assert engine.params["train_rows"] == ROWS  # every row: the 256 MiB of room to train beside the budget holds them
     nprobe = engine.params["nprobe"]
     assert engine.description == f"faiss {key} (nprobe {nprobe}, 2.5 MiB budget, rerank 100)"
     assert pq_index.recall_at_10 >= 0.99 and pq_index.recall["queries"] == 1000

@@ -112,13 +112,35 @@ def family(key: str) -> str:
     return "pq" if ",PQ" in key else "ivf-flat"
 
 
+TRAIN_BYTES = 256 << 20
+"""What the training sample of an index under a budget may take beside the budget (256 MiB; more where the budget
+leaves more): an IVF index gets no more lists than LIST_MIN_ROWS a list of such a sample trains (a PQ index holds
+TRAIN_COPIES copies of it). Ten million rows of 128 dimensions in 65,536 lists would train on 2.6M rows: 3.8 GB."""
+TRAIN_COPIES = 3
+"""Copies of its training sample a PQ index holds while trained (the sample, rotated by OPQ, its residuals)."""
+
+
+def train_room(max_memory: int, size: int, dim: int, kind: str) -> int:
+    """Rows of training sample an index of `size` bytes and `kind` (ivf-flat or pq) may hold under `max_memory`:
+    what the budget leaves, or TRAIN_BYTES if more."""
+    copies = TRAIN_COPIES if kind == "pq" else 1
+    return int(max(max_memory - size * HEADROOM, TRAIN_BYTES) // (4 * dim * copies))
+
+
+def trainable_lists(lists: int, room: int) -> int:
+    """`lists`, or the largest power of two of lists that a sample of `room` rows trains (LIST_MIN_ROWS each)."""
+    most = room // LIST_MIN_ROWS
+    return lists if lists <= most else 2 ** max(0, math.floor(math.log2(max(1, most))))
+
+
 def choose_index_key(rows: int, dim: int, max_memory: int) -> tuple[str, int]:
     """The FAISS index_factory key (inner product) of the index of `rows` vectors of `dim` dimensions that best
     fits `max_memory` bytes, and its estimated size in bytes: "Flat" (exact) below FAISS_IVF_MIN_ROWS rows; from
     there "IDMap,HNSW{m},Flat" (m links per row, 8 to 32) or "IVF{lists},Flat"; else (or below FAISS_IVF_MIN_ROWS
     rows where the flat index does not fit) "OPQ{m}_{d},IVF{lists}[_HNSW32],PQ{m}x8" with the most bytes m per
-    row that fit. An index fits if HEADROOM times its size does. SiameseError naming the least budget that fits
-    when none does (no PQ index below PQ_MIN_ROWS rows)."""
+    row that fit. An index fits if HEADROOM times its size does; IVF lists are `budget_lists`, or fewer where
+    their training sample would not fit (`trainable_lists`). SiameseError naming the least budget that fits when
+    none does (no PQ index below PQ_MIN_ROWS rows)."""
 
     def fits(size: int) -> bool:
         return size * HEADROOM <= max_memory
@@ -132,12 +154,14 @@ def choose_index_key(rows: int, dim: int, max_memory: int) -> tuple[str, int]:
         if m >= HNSW_M[1]:
             return f"IDMap,HNSW{m},Flat", hnsw_bytes(rows, dim, m)
         if fits(ivf_flat_bytes(rows, dim, lists)):
-            return f"IVF{lists},Flat", ivf_flat_bytes(rows, dim, lists)
+            few = trainable_lists(lists, train_room(max_memory, ivf_flat_bytes(rows, dim, lists), dim, "ivf-flat"))
+            return f"IVF{few},Flat", ivf_flat_bytes(rows, dim, few)
     sizes = [m for m in PQ_M if m < dim] or [1]
     if rows >= PQ_MIN_ROWS:
         for m in sizes:
             if fits(pq_bytes(rows, dim, m, lists)):
-                return pq_key(dim, m, lists), pq_bytes(rows, dim, m, lists)
+                few = trainable_lists(lists, train_room(max_memory, pq_bytes(rows, dim, m, lists), dim, "pq"))
+                return pq_key(dim, m, few), pq_bytes(rows, dim, m, few)
         least, smallest = pq_bytes(rows, dim, sizes[-1], lists), pq_key(dim, sizes[-1], lists)
     else:
         least, smallest = flat_bytes(rows, dim), f"the exact Flat index (PQ takes {PQ_MIN_ROWS:,} rows or more)"
@@ -147,8 +171,6 @@ def choose_index_key(rows: int, dim: int, max_memory: int) -> tuple[str, int]:
                        f"more, the least that holds {smallest}; or no budget.")
 
 
-TRAIN_COPIES = 3
-"""Copies of its training sample a PQ index holds while trained (the sample, rotated by OPQ, its residuals)."""
 OPQ_NITER = 50
 """Iterations of OPQ's rotation training (FAISS's default; it trains on at most 65,536 rows, whatever the rows)."""
 QUANTIZER_EF = 2
@@ -345,13 +367,11 @@ class Faiss(Engine):
 
     def train_rows(self, rows: int, dim: int, lists: int, kind: str, estimated: int) -> int:
         """Rows to train an IVF (`kind` ivf-flat) or PQ index on: those FAISS uses (256 per list; 65,536 for OPQ
-        and the PQ codebooks), at most what the budget leaves beside the index (a PQ index holds TRAIN_COPIES
-        of its sample), at least what FAISS asks for (LIST_MIN_ROWS per list; PQ_MIN_ROWS)."""
+        and the PQ codebooks), at most what the budget leaves beside the index or TRAIN_BYTES if more
+        (`train_room`), at least what FAISS asks for (LIST_MIN_ROWS per list; PQ_MIN_ROWS)."""
         wanted = max(256 * lists, 256 * 256) if kind == "pq" else 256 * lists
         least = max(LIST_MIN_ROWS * lists, PQ_MIN_ROWS) if kind == "pq" else LIST_MIN_ROWS * lists
-        copies = TRAIN_COPIES if kind == "pq" else 1
-        spare = int((self.max_memory - estimated * HEADROOM) // (4 * dim * copies))
-        return min(rows, wanted, max(spare, least))
+        return min(rows, wanted, max(train_room(self.max_memory, estimated, dim, kind), least))
 
     def add(self, embeddings: np.ndarray, rows: np.ndarray) -> None:
         """Add `rows` (sorted) of `embeddings`, a block at a time (a flat index under a budget: every row)."""
