@@ -56,7 +56,8 @@ def save(index: Index, directory: str | os.PathLike) -> Path:
 
     The folder is written whole beside `directory` and swapped in (`atomic.replace_folder`) under its lock
     (`claim_output`), so a crash or a second run leaves the previous index whole. A folder that holds anything
-    but an index of this tool, and a shard part this index was merged from, are refused.
+    but an index of this tool, and a shard part this index was merged from, are refused. The large files' hashes
+    of the writing are recorded as this user's full check of them (see `siamese.search.verified`).
     """
     directory = Path(directory)
     refuse_part_output(directory, (index.source or {}).get("parts", []))
@@ -84,6 +85,13 @@ def save(index: Index, directory: str | os.PathLike) -> Path:
             "siamese": __version__,
         }
         atomic.write_json(new / "index.json", settings)
+    # what was just written and hashed counts as checked in full: the first load of a large index is fast too
+    verified = Verified(directory)
+    for stem in ("rows", "embeddings", "engine"):
+        if stem in files:
+            path = directory / files[stem]
+            verified.passed(path, files[f"{stem}_sha256"], stamp(path))
+    verified.save()
     return directory
 
 
