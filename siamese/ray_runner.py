@@ -31,6 +31,20 @@ from siamese.util import plural
 
 BLOCKS = 10_000
 """Most input blocks of a run (each a whole number of batches): a hundred million images make 10,000 blocks."""
+BLOCK_BATCHES = 16
+"""Batches of a block (a decode task's work) where the run has enough of them: Ray Data's cost per block (a task,
+an object, the scheduling) is then paid once for 1,024 images of batch 64, not for each batch."""
+BLOCKS_PER_ACTOR = 4
+"""Fewest blocks per actor a run is cut into, where it has the images: smaller blocks before too few to share."""
+
+
+def block_rows(images: int, batch_size: int, actors: int) -> int:
+    """Images per input block of a run of `images` in batches of `batch_size` on `actors` actors: BLOCK_BATCHES
+    batches, fewer where the run would make fewer than BLOCKS_PER_ACTOR blocks an actor, more where it would make
+    over BLOCKS."""
+    batches = max(1, math.ceil(images / batch_size))
+    per_block = max(1, min(BLOCK_BATCHES, batches // (BLOCKS_PER_ACTOR * actors)))
+    return batch_size * max(per_block, math.ceil(batches / BLOCKS))
 
 
 def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
@@ -176,7 +190,7 @@ def embed_on_ray(
         if recipe.get("keras_model"):
             model_file, suffix = Path(recipe["keras_model"]).read_bytes(), Path(recipe["keras_model"]).suffix
         paths = [str(catalog.paths[i].absolute()) for i in todo]
-        per_block = batch_size * max(1, math.ceil(len(todo) / batch_size / BLOCKS))
+        per_block = block_rows(len(todo), batch_size, actors)
         table = pa.table({"index": pa.array(todo, pa.int64()), "path": pa.array(paths, pa.string())})
         dataset = (
             ray.data.from_arrow([table.slice(lo, per_block) for lo in range(0, len(todo), per_block)])
