@@ -33,7 +33,7 @@ DOCKER_RUN = $(DOCKER) run --rm $(DOCKER_TTY) --user $$(id -u):$$(id -g) -e HOME
 	-v "$(CURDIR)":/app -v "$(abspath $(DATA))":/data \
 	-v "$(HOME)/.keras":/tmp/.keras -v "$(HOME)/.cache/siamese":/tmp/.cache/siamese -w /app
 
-.PHONY: help install demo serve serve-docker test test-fast test-docker lint bench bench-train bench-backends bench-open-set docker-build docker-build-cpu docker-build-gpu notebook \
+.PHONY: help install demo serve serve-docker test test-fast test-docker lint bench bench-train bench-backends bench-open-set bench-index-10m docker-build docker-build-cpu docker-build-gpu notebook \
 	notebook-local bash-cpu bash-gpu
 
 help:
@@ -48,6 +48,7 @@ help:
 	@echo "make bench-train  train small_cnn on Fashion-MNIST, closed-set precision@1 and speed (about 15 minutes)"
 	@echo "make bench-backends  the same training on TensorFlow and on JAX: speed and precision@1 (about 20 minutes)"
 	@echo "make bench-open-set  train with the defaults, search items training never saw (about 10 minutes)"
+	@echo "make bench-index-10m  a faiss index of 10M rows from a store under 1G and 4G budgets (about 25 minutes)"
 	@echo "make notebook-local  Jupyter from the virtualenv"
 	@echo "make docker-build    build the GPU and CPU images ($(IMAGE):gpu, $(IMAGE):cpu)"
 	@echo "DATA=/path make notebook  Jupyter in the GPU image, all GPUs, /path at /data, on 127.0.0.1:$(PORT)"
@@ -105,6 +106,10 @@ bench-backends: $(STAMP)
 
 bench-open-set: $(STAMP)
 	$(BIN)/python benchmarks/open_set.py
+
+# Ten million rows under 1G and 4G budgets: about 25 minutes and 16 GB of disk (WORK, default the temp folder).
+bench-index-10m: $(STAMP)
+	$(BIN)/python benchmarks/index_budget.py --rows 10000000 --budgets 1G 4G $(if $(WORK),--work $(WORK))
 
 notebook-local: $(STAMP)
 	@printf 'Jupyter: http://127.0.0.1:%s/lab?token=%s\n' "$(PORT)" "$$JUPYTER_TOKEN"
