@@ -570,3 +570,16 @@ def test_the_actors_leave_room_for_a_decode_task_on_every_node():
     assert two_nodes["decode_cpus"] != two_nodes["actor_cpus"]  # else Ray Data runs decoding inside the actors
     assert placement(64, [16] * 4, 0, 8)["actor_cpus"] == 0.99
     assert placement(64, [16] * 4, 8, 8) == {"decode_cpus": 1.0, "actor_cpus": 1.0, "actor_gpus": 1, "threads": 4}
+
+
+def test_blocks_hold_16_batches_where_every_actor_still_gets_4_and_never_number_over_10000():
+    from siamese.ray_runner import block_rows
+
+    assert block_rows(200, 64, 2) == 64  # 4 batches: one a block
+    assert block_rows(60_000, 64, 2) == 1024  # 938 batches: 16 a block, 59 blocks
+    assert block_rows(4_000, 64, 2) == 7 * 64  # 63 batches: 8 blocks would be too few, so 7 batches a block
+    assert block_rows(4_000, 64, 8) == 64  # 32 blocks for 8 actors
+    assert block_rows(100_000_000, 64, 2) == 157 * 64  # 1,562,500 batches in at most 10,000 blocks
+    for images, actors in ((1, 1), (10**6, 3), (10**8, 64), (12_345, 2)):
+        size = block_rows(images, 64, actors)
+        assert size % 64 == 0 and -(-images // size) <= 10_000
