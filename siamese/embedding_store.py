@@ -217,19 +217,28 @@ class EmbeddingStore:
 
         schema = _schema(self.dim, self.version)
         columns = [name for name in METADATA if name in schema.names]
-        tables = [pq.read_table(f"{self._root}/{p['name']}", columns=columns, filesystem=self.filesystem)
-                  for p in self.parts]
+        tables = []
+        for part in self.parts:
+            try:
+                tables.append(pq.read_table(f"{self._root}/{part['name']}", columns=columns,
+                                            filesystem=self.filesystem))
+            except (pa.ArrowException, OSError) as e:
+                self._check_part(part)  # a modified part is refused as such
+                raise self._refuse(f"part {part['name']} is not a Parquet file ({e})") from None
         return pa.concat_tables(tables) if tables else schema.empty_table().drop_columns(["embedding"])
 
     def verify(self) -> None:
         """Check every part's SHA-256 against the manifest, a part at a time (what `batches` checks as it reads)."""
         for part in self.parts:
-            digest = hashlib.sha256()
-            with self.filesystem.open_input_stream(f"{self._root}/{part['name']}") as f:
-                for block in iter(lambda f=f: f.read(1 << 24), b""):
-                    digest.update(block)
-            if digest.hexdigest() != part["sha256"]:
-                raise self._refuse(f"part {part['name']} was modified after the store was written (SHA-256 mismatch)")
+            self._check_part(part)
+
+    def _check_part(self, part: dict) -> None:
+        digest = hashlib.sha256()
+        with self.filesystem.open_input_stream(f"{self._root}/{part['name']}") as f:
+            for block in iter(lambda f=f: f.read(1 << 24), b""):
+                digest.update(block)
+        if digest.hexdigest() != part["sha256"]:
+            raise self._refuse(f"part {part['name']} was modified after the store was written (SHA-256 mismatch)")
 
     def batches(self, n: int = PART_ROWS) -> Iterator[tuple[pa.Table, np.ndarray]]:
         """`(metadata, embeddings)` blocks of at most `n` rows (default `PART_ROWS`) in row order: the columns of
@@ -375,19 +384,27 @@ def index_stores(stores: Sequence[str | os.PathLike], engine: str | Engine = "ba
 
     from siamese.search.rows import CHUNK_ROWS, Rows
 
-    # the embeddings and rows go to files, memory-mapped back: building holds neither, only the pages in use
-    with tempfile.TemporaryDirectory(prefix=".index-", dir=first.local) as scratch:
-        vectors_path, rows_path = Path(scratch) / "embeddings.f32", Path(scratch) / "rows.arrow"
-        columns = Rows.from_lists([], [], []).table.schema
-        with open(vectors_path, "wb") as out, pa.OSFile(str(rows_path), "wb") as sink, \
-                pa.ipc.new_file(sink, columns) as writer:
-            for store in opened:
-                for meta, vectors in store.batches():
-                    out.write(np.ascontiguousarray(vectors, np.float32).data)
-                    writer.write_table(meta.select(columns.names).cast(columns), max_chunksize=CHUNK_ROWS)
-        embeddings = np.memmap(vectors_path, np.float32, "r", shape=(total, first.dim))
-        digest = hashlib.sha256(json.dumps([s.manifest["source"].get("sha256") for s in opened]).encode())
-        source = {**first.manifest["source"], "stores": [str(s.local or s.path) for s in opened],
-                  "sha256": digest.hexdigest() if len(opened) > 1 else first.manifest["source"].get("sha256")}
-        return Index(embeddings, rows=Rows.open(rows_path), engine=engine, model=first.model,
-                     embedder=first.embedder, source=source)
+    # the embeddings and rows go to unnamed files (nothing is left behind, even by a kill) on the store's disk,
+    # memory-mapped back: building holds neither, only the pages in use
+    vectors_file = tempfile.TemporaryFile(dir=first.local)  # noqa: SIM115 (the index's arrays keep them open)
+    rows_file = tempfile.TemporaryFile(dir=first.local)  # noqa: SIM115
+    columns = Rows.from_lists([], [], []).table.schema
+    with pa.ipc.new_file(rows_file, columns) as writer:
+        pending: list[pa.Table] = []
+        for store in opened:
+            for meta, vectors in store.batches():
+                vectors_file.write(np.ascontiguousarray(vectors, np.float32).data)
+                pending.append(meta.select(columns.names).cast(columns))
+                if sum(len(t) for t in pending) >= CHUNK_ROWS:  # record batches of CHUNK_ROWS rows, as Rows writes
+                    writer.write_table(pa.concat_tables(pending).combine_chunks(), max_chunksize=CHUNK_ROWS)
+                    pending = []
+        if pending:
+            writer.write_table(pa.concat_tables(pending).combine_chunks(), max_chunksize=CHUNK_ROWS)
+    vectors_file.flush()
+    rows_file.flush()
+    embeddings = np.memmap(vectors_file, np.float32, "r", shape=(total, first.dim))
+    digest = hashlib.sha256(json.dumps([s.manifest["source"].get("sha256") for s in opened]).encode())
+    source = {**first.manifest["source"], "stores": [str(s.local or s.path) for s in opened],
+              "sha256": digest.hexdigest() if len(opened) > 1 else first.manifest["source"].get("sha256")}
+    return Index(embeddings, rows=Rows.open(rows_file), engine=engine, model=first.model, embedder=first.embedder,
+                 source=source)

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -57,10 +58,11 @@ class Column(Sequence):
 class Rows:
     """The item, filename and labels of every row of an index, in an Arrow table (`table`)."""
 
-    def __init__(self, table):
+    def __init__(self, table, file=None):
         if table.schema != _schema():
             raise ValueError(f"expected the columns {_schema()}, found {table.schema}")
         self.table = table
+        self._file = file  # what `open` mapped: a path, or an open file object the rows keep open
 
     @classmethod
     def from_lists(cls, items: Sequence[str], filenames: Sequence[str], labels: Sequence[Sequence[str]]) -> Rows:
@@ -81,17 +83,28 @@ class Rows:
         return cls(pa.concat_tables([p.table for p in parts]))
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> Rows:
-        """The rows of the Arrow IPC file `path`, memory-mapped (pyarrow's errors when it is not one of rows)."""
+    def open(cls, file: str | os.PathLike | IO[bytes]) -> Rows:
+        """The rows of the Arrow IPC file `file` (a path, or an open binary file, e.g. an unnamed temporary one,
+        which the rows then keep open), memory-mapped (pyarrow's errors when it is not one of rows)."""
         import pyarrow as pa
 
+        path = f"/proc/self/fd/{file.fileno()}" if hasattr(file, "fileno") else os.fspath(file)
+        if hasattr(file, "fileno") and not os.path.exists(path):  # not Linux: read into memory
+            file.seek(0)
+            return cls(pa.ipc.open_file(pa.PythonFile(file, "r")).read_all(), file)
         # zero-copy: the table's buffers are the mapped file's pages, which they keep mapped
-        return cls(pa.ipc.open_file(pa.memory_map(str(path))).read_all())
+        return cls(pa.ipc.open_file(pa.memory_map(path)).read_all(), file)
 
     def write(self, path: str | os.PathLike) -> None:
-        """Write the rows to `path` as an uncompressed Arrow IPC file of CHUNK_ROWS-row record batches."""
+        """Write the rows to `path` as an uncompressed Arrow IPC file of CHUNK_ROWS-row record batches; rows `open`ed
+        from a file are that file, copied by the kernel (its pages are not read into this process)."""
         import pyarrow as pa
 
+        if self._file is not None:
+            source = f"/proc/self/fd/{self._file.fileno()}" if hasattr(self._file, "fileno") else self._file
+            if os.path.exists(source):
+                shutil.copyfile(source, path)
+                return
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, _schema()) as writer:
             writer.write_table(self.table, max_chunksize=CHUNK_ROWS)
 
