@@ -382,7 +382,7 @@ def index_stores(stores: Sequence[str | os.PathLike], engine: str | Engine = "ba
     make_engine(engine).check_fits(total, first.dim)  # before any part is read
     import pyarrow as pa
 
-    from siamese.search.rows import CHUNK_ROWS, Rows
+    from siamese.search.rows import Rows
 
     # the embeddings and rows go to unnamed files (nothing is left behind, even by a kill) on the store's disk,
     # memory-mapped back: building holds neither, only the pages in use
@@ -390,16 +390,10 @@ def index_stores(stores: Sequence[str | os.PathLike], engine: str | Engine = "ba
     rows_file = tempfile.TemporaryFile(dir=first.local)  # noqa: SIM115
     columns = Rows.from_lists([], [], []).table.schema
     with pa.ipc.new_file(rows_file, columns) as writer:
-        pending: list[pa.Table] = []
         for store in opened:
-            for meta, vectors in store.batches():
+            for meta, vectors in store.batches():  # a record batch a part: none held after it is written
                 vectors_file.write(np.ascontiguousarray(vectors, np.float32).data)
-                pending.append(meta.select(columns.names).cast(columns))
-                if sum(len(t) for t in pending) >= CHUNK_ROWS:  # record batches of CHUNK_ROWS rows, as Rows writes
-                    writer.write_table(pa.concat_tables(pending).combine_chunks(), max_chunksize=CHUNK_ROWS)
-                    pending = []
-        if pending:
-            writer.write_table(pa.concat_tables(pending).combine_chunks(), max_chunksize=CHUNK_ROWS)
+                writer.write_table(meta.select(columns.names).cast(columns))
     vectors_file.flush()
     rows_file.flush()
     embeddings = np.memmap(vectors_file, np.float32, "r", shape=(total, first.dim))
