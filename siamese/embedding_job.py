@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from siamese.embedding_store import PART_ROWS, EmbeddingStore, StoreWriter, clai
 from siamese.errors import SiameseError
 from siamese.images import ImageDecodeError, OnBadImage, check_images, file_stamp, open_file
 from siamese.util import parallel_map, plural
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 RUNNERS = ("local", "ray")
 Sink = Callable[[np.ndarray, np.ndarray], None]
@@ -101,12 +105,13 @@ def embed_to_store(
         raise SiameseError("Expected a catalog with images. Received: none. Fix: pass a catalog that lists images.")
     with claim_store(store):
         old = _previous(store, embedder, replace)
-        stamps, hashes, hashed = _hash_files(catalog, old, workers, progress)
+        old_rows = old.rows() if old is not None else None  # read once: every part's metadata columns
+        stamps, hashes, hashed = _hash_files(catalog, old_rows, workers, progress)
         known: dict[str, int] = {}
-        if old is not None:
-            known = {sha: row for row, sha in enumerate(old.rows().column("sha256").to_pylist())}
+        if old_rows is not None:
+            known = {sha: row for row, sha in enumerate(old_rows.column("sha256").to_pylist())}
         todo = np.array([i for i, sha in enumerate(hashes) if sha is None or sha not in known], np.int64)
-        if old is not None and not len(todo) and _unchanged(old, catalog, hashes, stamps):
+        if old_rows is not None and not len(todo) and _unchanged(old_rows, catalog, hashes, stamps):
             old.verify()  # what an update would have found reading it
             return EmbedResult(os.fspath(store), 0, len(old), 0, 0, len(old), runner, hashed)
         with tempfile.TemporaryFile(dir=_scratch(store)) as scratch:
@@ -131,7 +136,7 @@ def embed_to_store(
             new = len(todo) - len(bad)
             now = {(catalog.filenames[i], hashes[i]) for i in good}
             dropped = 0 if old is None else sum(
-                (f, sha) not in now for f, sha in zip(*_columns(old, "filename", "sha256"), strict=True))
+                (f, sha) not in now for f, sha in zip(*_columns(old_rows, "filename", "sha256"), strict=True))
             source = {"labeled_data": str(Path(labeled_data).resolve()) if labeled_data else None,
                       "image_dir": str(catalog.image_dir.resolve()), "sha256": kept_catalog.digest()}
             counts = {"new": new, "kept": len(good) - new, "dropped": dropped, "skipped": len(bad)}
@@ -141,11 +146,11 @@ def embed_to_store(
     return EmbedResult(os.fspath(store), new, len(good) - new, dropped, len(bad), len(good), runner, hashed)
 
 
-def _hash_files(catalog: Catalog, old: EmbeddingStore | None, workers: int | None,
+def _hash_files(catalog: Catalog, old: pa.Table | None, workers: int | None,
                 progress: bool) -> tuple[list[list[int] | None], list[str | None], int]:
     """Each catalog image's stamp (None: not a readable regular file) and SHA-256 (None: unreadable), and how many
-    files were read to hash them: an image whose stamp equals the one `old` recorded for its filename keeps the
-    hash recorded with it."""
+    files were read to hash them: an image whose stamp equals the one the old store's rows `old` recorded for its
+    filename keeps the hash recorded with it (a store of version 1 recorded none)."""
     root = os.fspath(catalog.image_dir)
     paths = [os.path.join(root, f) for f in catalog.filenames]
     stamps: list[list[int] | None] = []
@@ -156,20 +161,19 @@ def _hash_files(catalog: Catalog, old: EmbeddingStore | None, workers: int | Non
             stamps.append(None)
     hashes: list[str | None] = [None] * len(paths)
     same = np.zeros(len(paths), bool)
-    if old is not None and old.version >= 2:
+    if old is not None and "stamp" in old.column_names:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        rows = old.rows()
-        at = pc.index_in(pa.array(catalog.filenames, pa.string()), value_set=rows.column("filename"))
+        at = pc.index_in(pa.array(catalog.filenames, pa.string()), value_set=old.column("filename"))
         at = at.fill_null(-1).to_numpy()
-        recorded = rows.column("stamp").combine_chunks()
+        recorded = old.column("stamp").combine_chunks()
         known = np.asarray(recorded.is_valid())
         recorded = np.asarray(recorded.fill_null([0, 0, 0]).flatten(), np.int64).reshape(-1, 3)
         now = np.array([stamp or (-1, -1, -1) for stamp in stamps], np.int64).reshape(-1, 3)
         found = np.flatnonzero(at >= 0)
         same[found] = known[at[found]] & (recorded[at[found]] == now[found]).all(axis=1)
-        shas = rows.column("sha256").to_pylist()
+        shas = old.column("sha256").to_pylist()
         for i in np.flatnonzero(same):
             hashes[i] = shas[at[i]]
     todo = np.flatnonzero(~same).tolist()
@@ -202,14 +206,14 @@ def _scratch(store: str | os.PathLike) -> Path | None:
     return local.parent if local is not None else None
 
 
-def _columns(store: EmbeddingStore, *names: str) -> list[list]:
-    rows = store.rows()
+def _columns(rows: pa.Table, *names: str) -> list[list]:
     return [rows.column(name).to_pylist() for name in names]
 
 
-def _unchanged(old: EmbeddingStore, catalog: Catalog, hashes: list[str | None], stamps: list) -> bool:
-    """Whether `old` holds exactly `catalog`'s images (items, filenames, labels, hashes, stamps), in order."""
-    if len(old) != len(catalog.filenames) or old.version < 2:
+def _unchanged(old: pa.Table, catalog: Catalog, hashes: list[str | None], stamps: list) -> bool:
+    """Whether the old store's rows `old` are exactly `catalog`'s images (items, filenames, labels, hashes, stamps),
+    in order."""
+    if len(old) != len(catalog.filenames) or "stamp" not in old.column_names:
         return False
     items, filenames, labels, shas, recorded = _columns(old, "item", "filename", "labels", "sha256", "stamp")
     owners = [catalog.items[i] for i in catalog.image_item]
