@@ -55,6 +55,15 @@ class Column(Sequence):
         return f"<Column of {len(self)} rows>"
 
 
+def _path_of(file: str | os.PathLike | IO[bytes]) -> str | None:
+    """A path that opens `file`: itself, or for an open file (e.g. an unnamed temporary one) /proc/self/fd/N where
+    Linux has it; None where it has no path."""
+    if not hasattr(file, "fileno"):
+        return os.fspath(file)
+    path = f"/proc/self/fd/{file.fileno()}"
+    return path if os.path.exists(path) else None
+
+
 class Rows:
     """The item, filename and labels of every row of an index, in an Arrow table (`table`)."""
 
@@ -88,8 +97,8 @@ class Rows:
         which the rows then keep open), memory-mapped (pyarrow's errors when it is not one of rows)."""
         import pyarrow as pa
 
-        path = f"/proc/self/fd/{file.fileno()}" if hasattr(file, "fileno") else os.fspath(file)
-        if hasattr(file, "fileno") and not os.path.exists(path):  # not Linux: read into memory
+        path = _path_of(file)
+        if path is None:  # an open file with no path to map it by (not Linux): read into memory
             file.seek(0)
             return cls(pa.ipc.open_file(pa.PythonFile(file, "r")).read_all(), file)
         # zero-copy: the table's buffers are the mapped file's pages, which they keep mapped
@@ -100,11 +109,10 @@ class Rows:
         from a file are that file, copied by the kernel (its pages are not read into this process)."""
         import pyarrow as pa
 
-        if self._file is not None:
-            source = f"/proc/self/fd/{self._file.fileno()}" if hasattr(self._file, "fileno") else self._file
-            if os.path.exists(source):
-                shutil.copyfile(source, path)
-                return
+        source = None if self._file is None else _path_of(self._file)
+        if source is not None and os.path.exists(source):  # a path gone since (a swapped folder): written anew
+            shutil.copyfile(source, path)
+            return
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, _schema()) as writer:
             writer.write_table(self.table, max_chunksize=CHUNK_ROWS)
 
