@@ -45,29 +45,32 @@ def test_sizes_are_written_rounded_up_and_read_back_at_least_as_large():
     (20_000, 128, "1M", "OPQ16_128,IVF512,PQ16x8"),  # few lists: found by a flat quantizer
     (1_000_000, 128, "1G", "IDMap,HNSW32,Flat"),  # from 100,000 rows: the graph if it fits
     (1_000_000, 128, "700M", "IDMap,HNSW16,Flat"),  # fewer links
-    (1_000_000, 128, "600M", "IVF8192,Flat"),  # no graph of 8 links: uncompressed lists, as many as 256 MiB trains
-    (1_000_000, 128, "100M", "OPQ64_128,IVF4096_HNSW32,PQ64x8"),  # 16,384 lists would train on 1.9 GB
-    (1_000_000, 100, "30M", "OPQ8_104,IVF4096_HNSW32,PQ8x8"),  # rotated into a multiple of 8 dimensions
-    (10_000_000, 768, "8G", "OPQ256_768,IVF8192_HNSW32,PQ256x8"),
-    (10_000_000, 128, "1G", "OPQ64_128,IVF4096_HNSW32,PQ64x8"),
-    (10_000_000, 128, "4G", "OPQ64_128,IVF32768_HNSW32,PQ64x8"),  # more room to train: more lists
-    (100_000_000, 128, "16G", "OPQ64_128,IVF65536_HNSW32,PQ64x8"),
+    (1_000_000, 128, "600M", "IVF16384,Flat"),  # no graph of 8 links: uncompressed lists
+    (1_000_000, 128, "300M", "IVF4096_HNSW32,SQ8"),  # a byte a dimension; 16,384 lists would train on 624 MiB, twice
+    (1_000_000, 128, "100M", "OPQ64_128,IVF4096_HNSW32,PQ64x8"),  # 256 MiB of sample, as under 300M: 4,096 lists
+    (1_000_000, 100, "30M", "OPQ8_104,IVF8192_HNSW32,PQ8x8"),  # rotated into a multiple of 8 dimensions
+    (10_000_000, 768, "8G", "OPQ256_768,IVF16384_HNSW32,PQ256x8"),
+    (10_000_000, 128, "1G", "OPQ64_128,IVF16384_HNSW32,PQ64x8"),
+    (10_000_000, 128, "4G", "IVF65536_HNSW32,SQ8"),
+    (100_000_000, 128, "8G", "OPQ64_128,IVF65536_HNSW32,PQ64x8"),
+    (100_000_000, 128, "16G", "IVF65536_HNSW32,SQ8"),
     (100_000_000, 512, "4T", "IDMap,HNSW32,Flat"),
 ])
 def test_the_budget_picks_the_index_it_holds(rows, dim, budget, key):
     chosen, size = choose_index_key(rows, dim, parse_size(budget))
     assert chosen == key
     assert size * 1.1 <= parse_size(budget)
-    assert family(chosen) == {"F": "flat", "I": "hnsw" if "HNSW" in key else "ivf-flat", "O": "pq"}[key[0]]
+    kind = {"F": "flat", "O": "pq"}.get(key[0], "sq8" if key.endswith("SQ8") else "ivf-flat")
+    assert family(chosen) == ("hnsw" if key.startswith("IDMap") else kind)
 
 
 @pytest.mark.parametrize(("rows", "dim", "budget"), [(10_000_000, 128, "1G"), (10_000_000, 768, "8G"),
-                                                   (1_000_000, 128, "600M"), (50_000, 128, "2.5M")])
-def test_the_training_sample_of_the_lists_fits_beside_the_index_or_in_256_mib(rows, dim, budget):
-    key, size = choose_index_key(rows, dim, parse_size(budget))
+                                                   (1_000_000, 128, "300M"), (50_000, 128, "2.5M")])
+def test_the_training_sample_of_the_lists_fits_in_the_budget_or_in_256_mib(rows, dim, budget):
+    key, _ = choose_index_key(rows, dim, parse_size(budget))
     lists = int(key.split("IVF")[1].split("_")[0].split(",")[0])
-    copies = 3 if ",PQ" in key else 1
-    room = max(parse_size(budget) - 1.1 * size, 256 << 20)
+    copies = 1 if key.endswith(",Flat") else 2  # the sample and its residuals (SQ8) or rotation (PQ)
+    room = max(parse_size(budget) / 1.1, 256 << 20)  # the index is empty while trained
     assert 39 * lists * 4 * dim * copies <= room < 2 * 39 * lists * 4 * dim * copies or lists == budget_lists(rows)
 
 
@@ -135,7 +138,7 @@ def test_a_small_budget_picks_pq_codes_and_rerank_reaches_the_target_recall(pq_i
     assert engine.params["key"] == key and engine.params["family"] == "pq" and engine.params["nlist"] == 1024
     assert engine.params["max_memory"] == parse_size(BUDGET) == 2_621_440
     assert engine.params["estimated_bytes"] * 1.1 <= parse_size(BUDGET)
-    assert engine.params["train_rows"] == ROWS  # every row: the 256 MiB of room to train beside the budget holds them
+    assert engine.params["train_rows"] == ROWS  # every row: the 256 MiB a sample may always take holds them
     nprobe = engine.params["nprobe"]
     assert engine.description == f"faiss {key} (nprobe {nprobe}, 2.5 MiB budget, rerank 100)"
     assert pq_index.recall_at_10 >= 0.99 and pq_index.recall["queries"] == 1000
@@ -196,8 +199,9 @@ def test_a_budget_too_small_is_refused_before_any_work(monkeypatch):
     (999, "1M", "Flat", None),  # below the (patched) 1,000 rows: exact
     (3000, "2M", "IDMap,HNSW32,Flat", 1),  # nprobe: its efSearch
     (3000, "500K", "IVF76,Flat", 2),
+    (3000, "250K", "IVF76,SQ8", 2),  # a byte a dimension
 ])
-def test_larger_budgets_pick_flat_hnsw_or_ivf_flat_indexes(monkeypatch, tmp_path, rows, budget, key, nprobe):
+def test_larger_budgets_pick_flat_hnsw_ivf_flat_or_sq8_indexes(monkeypatch, tmp_path, rows, budget, key, nprobe):
     monkeypatch.setattr(siamese.search.faiss, "FAISS_IVF_MIN_ROWS", 1000)  # the same rule, at a size a test affords
     index = make_index(structured(rows, dim=32), Faiss(max_memory=budget))
     queries = structured(100, dim=32, seed=1)
@@ -209,7 +213,8 @@ def test_larger_budgets_pick_flat_hnsw_or_ivf_flat_indexes(monkeypatch, tmp_path
         with pytest.raises(SiameseError, match="Expected `nprobe` only with a faiss index"):
             index.kneighbors(queries, 10, nprobe=2)
     else:
-        assert index.recall_at_10 >= 0.99 and recall(index.kneighbors(queries, 10)[1], truth) >= 0.97
+        floor = 0.98 if key.endswith("SQ8") else 0.99  # 8-bit codes are near, not exact: tuning stops below 0.99
+        assert index.recall_at_10 >= floor and recall(index.kneighbors(queries, 10)[1], truth) >= 0.97
         assert recall(index.kneighbors(queries, 10, nprobe=nprobe)[1], truth) < 0.97  # the knob trades recall
     index.save(tmp_path)
     loaded = Index.load(tmp_path)

@@ -1,9 +1,11 @@
 """FAISS on inner products of unit vectors: exact `IndexFlatIP` below FAISS_IVF_MIN_ROWS rows, approximate
 `IndexIVFFlat` above; or, under a memory budget (`max_memory`), the FAISS index that budget holds
-(`choose_index_key`: flat, HNSW, IVF-Flat, or OPQ + IVF + PQ codes). Written to and read back from its own file."""
+(`choose_index_key`: flat, HNSW, IVF-Flat, IVF of 8-bit scalar codes, or OPQ + IVF + PQ codes). Written to and
+read back from its own file."""
 
 from __future__ import annotations
 
+import ctypes
 import math
 import re
 from pathlib import Path
@@ -12,7 +14,7 @@ import numpy as np
 
 from siamese.errors import SiameseError
 from siamese.search.engine import Engine, Knob, Setting, check_at_least, check_target_recall, register_engine
-from siamese.search.kernel import by_block, candidate_distances, squared_norms, take
+from siamese.search.kernel import blocks, by_block, candidate_distances, squared_norms, take
 from siamese.search.tuning import SEED, TARGET_RECALL, rows_except
 from siamese.util import usable_cpus
 
@@ -21,7 +23,9 @@ FAISS_IVF_MIN_ROWS = 100_000
 budget, fewer rows are exact if their flat index fits; more are never searched exhaustively (HNSW, IVF or PQ)."""
 
 # The budget's choice of index follows autofaiss's get_optimal_index_keys_v2 (criteo/autofaiss, external/optimize.py):
-# flat for few rows, else HNSW if its graph fits, else IVF-Flat, else OPQ + IVF + PQ codes of the most bytes that fit.
+# flat for few rows, else HNSW if its graph fits, else IVF-Flat, else OPQ + IVF + PQ codes of the most bytes that fit;
+# between the last two, IVF of 8-bit scalar codes (a byte a dimension), which autofaiss skips and FAISS's guidelines
+# name for "memory quite important" (wiki: Guidelines to choose an index).
 HEADROOM = 1.1
 """An index fits a budget if HEADROOM times its estimated size does: FAISS's lists grow while rows are added, and
 the allocator keeps some. (The estimates match the size of the written index, which read_index loads, within 1%.)"""
@@ -85,12 +89,22 @@ def ivf_flat_bytes(rows: int, dim: int, lists: int) -> int:
     return rows * (4 * dim + ID_BYTES) + 4 * lists * dim
 
 
+def sq8_bytes(rows: int, dim: int, lists: int) -> int:
+    """Each row's code (a byte a dimension) and id in its list, the lists' centroids (and their HNSW32 graph, from
+    HNSW_QUANTIZER_LISTS lists) and the quantizer's range of each dimension."""
+    return rows * (dim + ID_BYTES) + 4 * lists * dim + quantizer_graph_bytes(lists) + 8 * dim
+
+
+def quantizer_graph_bytes(lists: int) -> int:
+    """The HNSW32 graph of the centroids of `lists` lists, from HNSW_QUANTIZER_LISTS lists; else none."""
+    return lists * (4 * (2 * 32 + 1) + 12) if lists >= HNSW_QUANTIZER_LISTS else 0
+
+
 def pq_bytes(rows: int, dim: int, m: int, lists: int) -> int:
     """Each row's m bytes of code and id in its list, the lists' centroids (and their HNSW32 graph, from
     HNSW_QUANTIZER_LISTS lists), the OPQ rotation and the sub-quantizers' 256 centroids each."""
     out = pq_dim(dim, m)
-    graph = lists * (4 * (2 * 32 + 1) + 12) if lists >= HNSW_QUANTIZER_LISTS else 0
-    return rows * (m + ID_BYTES) + 4 * lists * out + graph + 4 * dim * out + 4 * 256 * out
+    return rows * (m + ID_BYTES) + 4 * lists * out + quantizer_graph_bytes(lists) + 4 * dim * out + 4 * 256 * out
 
 
 def pq_dim(dim: int, m: int) -> int:
@@ -98,33 +112,42 @@ def pq_dim(dim: int, m: int) -> int:
     return m * math.ceil(dim / m)
 
 
+def quantizer_key(lists: int) -> str:
+    return f"IVF{lists}_HNSW32" if lists >= HNSW_QUANTIZER_LISTS else f"IVF{lists}"
+
+
 def pq_key(dim: int, m: int, lists: int) -> str:
-    quantizer = f"IVF{lists}_HNSW32" if lists >= HNSW_QUANTIZER_LISTS else f"IVF{lists}"
-    return f"OPQ{m}_{pq_dim(dim, m)},{quantizer},PQ{m}x8"
+    return f"OPQ{m}_{pq_dim(dim, m)},{quantizer_key(lists)},PQ{m}x8"
+
+
+def sq8_key(lists: int) -> str:
+    return f"{quantizer_key(lists)},SQ8"
 
 
 def family(key: str) -> str:
-    """What kind of index the FAISS `key` of `choose_index_key` is: flat, hnsw, ivf-flat or pq."""
+    """What kind of index the FAISS `key` of `choose_index_key` is: flat, hnsw, ivf-flat, sq8 or pq."""
     if key == "Flat":
         return "flat"
     if "HNSW" in key and "IVF" not in key:
         return "hnsw"
-    return "pq" if ",PQ" in key else "ivf-flat"
+    return "pq" if ",PQ" in key else "sq8" if key.endswith(",SQ8") else "ivf-flat"
 
 
 TRAIN_BYTES = 256 << 20
-"""What the training sample of an index under a budget may take beside the budget (256 MiB; more where the budget
-leaves more): an IVF index gets no more lists than LIST_MIN_ROWS a list of such a sample trains (a PQ index holds
-TRAIN_COPIES copies of it). Ten million rows of 128 dimensions in 65,536 lists would train on 2.6M rows: 3.8 GB."""
-TRAIN_COPIES = 3
-"""Copies of its training sample a PQ index holds while trained (the sample, rotated by OPQ, its residuals)."""
+"""The least the training sample of an index under a budget may take (256 MiB), however small the budget; else the
+budget's own (`train_room`): while trained, the index is empty, and the sample is freed before a row is added. An
+IVF index gets no more lists than LIST_MIN_ROWS a list of such a sample trains. Ten million rows of 128 dimensions
+in 65,536 lists train on 2.6M rows: 1.3 GB, held TRAIN_COPIES times."""
+TRAIN_COPIES = {"ivf-flat": 1, "sq8": 2, "pq": 2}
+"""Copies of its training sample an index holds while trained, by family: the sample; and its residuals to the
+lists (SQ8: the codes' ranges), or the sample rotated by OPQ (PQ: its codebooks train on the residuals of 65,536
+rows). Two-level k-means adds a sample of its coarse level: at most 2,000 rows per coarse list."""
 
 
-def train_room(max_memory: int, size: int, dim: int, kind: str) -> int:
-    """Rows of training sample an index of `size` bytes and `kind` (ivf-flat or pq) may hold under `max_memory`:
-    what the budget leaves, or TRAIN_BYTES if more."""
-    copies = TRAIN_COPIES if kind == "pq" else 1
-    return int(max(max_memory - size * HEADROOM, TRAIN_BYTES) // (4 * dim * copies))
+def train_room(max_memory: int, dim: int, kind: str) -> int:
+    """Rows of training sample an index of `kind` (ivf-flat, sq8 or pq) may hold under `max_memory`: the budget
+    (less its HEADROOM), TRAIN_COPIES[kind] times, or TRAIN_BYTES if more."""
+    return int(max(max_memory / HEADROOM, TRAIN_BYTES) // (4 * dim * TRAIN_COPIES[kind]))
 
 
 def trainable_lists(lists: int, room: int) -> int:
@@ -136,11 +159,11 @@ def trainable_lists(lists: int, room: int) -> int:
 def choose_index_key(rows: int, dim: int, max_memory: int) -> tuple[str, int]:
     """The FAISS index_factory key (inner product) of the index of `rows` vectors of `dim` dimensions that best
     fits `max_memory` bytes, and its estimated size in bytes: "Flat" (exact) below FAISS_IVF_MIN_ROWS rows; from
-    there "IDMap,HNSW{m},Flat" (m links per row, 8 to 32) or "IVF{lists},Flat"; else (or below FAISS_IVF_MIN_ROWS
-    rows where the flat index does not fit) "OPQ{m}_{d},IVF{lists}[_HNSW32],PQ{m}x8" with the most bytes m per
-    row that fit. An index fits if HEADROOM times its size does; IVF lists are `budget_lists`, or fewer where
-    their training sample would not fit (`trainable_lists`). SiameseError naming the least budget that fits when
-    none does (no PQ index below PQ_MIN_ROWS rows)."""
+    there "IDMap,HNSW{m},Flat" (m links per row, 8 to 32), "IVF{lists},Flat" or "IVF{lists}[_HNSW32],SQ8"; else
+    (or below FAISS_IVF_MIN_ROWS rows where the flat index does not fit) "OPQ{m}_{d},IVF{lists}[_HNSW32],PQ{m}x8"
+    with the most bytes m per row that fit. An index fits if HEADROOM times its size does; IVF lists are
+    `budget_lists`, or fewer where their training sample would not fit (`trainable_lists`). SiameseError naming
+    the least budget that fits when none does (no PQ index below PQ_MIN_ROWS rows)."""
 
     def fits(size: int) -> bool:
         return size * HEADROOM <= max_memory
@@ -154,13 +177,16 @@ def choose_index_key(rows: int, dim: int, max_memory: int) -> tuple[str, int]:
         if m >= HNSW_M[1]:
             return f"IDMap,HNSW{m},Flat", hnsw_bytes(rows, dim, m)
         if fits(ivf_flat_bytes(rows, dim, lists)):
-            few = trainable_lists(lists, train_room(max_memory, ivf_flat_bytes(rows, dim, lists), dim, "ivf-flat"))
+            few = trainable_lists(lists, train_room(max_memory, dim, "ivf-flat"))
             return f"IVF{few},Flat", ivf_flat_bytes(rows, dim, few)
+        if fits(sq8_bytes(rows, dim, lists)):
+            few = trainable_lists(lists, train_room(max_memory, dim, "sq8"))
+            return sq8_key(few), sq8_bytes(rows, dim, few)
     sizes = [m for m in PQ_M if m < dim] or [1]
     if rows >= PQ_MIN_ROWS:
         for m in sizes:
             if fits(pq_bytes(rows, dim, m, lists)):
-                few = trainable_lists(lists, train_room(max_memory, pq_bytes(rows, dim, m, lists), dim, "pq"))
+                few = trainable_lists(lists, train_room(max_memory, dim, "pq"))
                 return pq_key(dim, m, few), pq_bytes(rows, dim, m, few)
         least, smallest = pq_bytes(rows, dim, sizes[-1], lists), pq_key(dim, sizes[-1], lists)
     else:
@@ -235,8 +261,8 @@ class Faiss(Engine):
                 default_text="default: 0 below 100,000 images, 4 sqrt(images) above"),
         TARGET_RECALL,
         Setting("max_memory", str, None, "faiss: the memory the index may take, e.g. 4G or 512M (K, M, G, T: "
-                "multiples of 1024), which picks it: exact below 100,000 images where it fits, else HNSW, IVF, or "
-                "OPQ+IVF+PQ codes of the most bytes per image that fit", metavar="SIZE",
+                "multiples of 1024), which picks it: exact below 100,000 images where it fits, else HNSW, IVF, IVF "
+                "of 8-bit codes, or OPQ+IVF+PQ codes of the most bytes per image that fit", metavar="SIZE",
                 default_text="default: none, exact below 100,000 images, IVF above"),
         Setting("rerank", int, 0, "faiss: rank this many candidates (at least --k) by their exact distance to the "
                 "index's embeddings, for PQ codes' recall; 0 is off", metavar="N"),
@@ -319,7 +345,7 @@ class Faiss(Engine):
         if kind == "flat":
             self.add(embeddings, np.arange(rows))
             return
-        if kind != "hnsw":  # an IVF index, of vectors or of PQ codes
+        if kind != "hnsw":  # an IVF index, of vectors, 8-bit codes or PQ codes
             ivf = faiss.downcast_index(faiss.extract_index_ivf(self.index))
             ivf.cp.seed, ivf.cp.spherical = SEED, True
             if kind == "pq":
@@ -327,7 +353,7 @@ class Faiss(Engine):
                 ivf.do_polysemous_training = False  # polysemous codes serve Hamming filtering, unused here; slow
                 opq = faiss.downcast_VectorTransform(faiss.downcast_index(self.index).chain.at(0))
                 opq.niter = OPQ_NITER
-            train = self.train_rows(rows, dim, ivf.nlist, kind, estimated)
+            train = self.train_rows(rows, dim, ivf.nlist, kind)
             # a sample of every row is the rows themselves (a memory map stays one), not a copy
             sample = embeddings if train == rows else take(
                 embeddings, np.sort(np.random.default_rng(SEED).choice(rows, train, replace=False)))
@@ -343,6 +369,7 @@ class Faiss(Engine):
             self.index.train(sample)  # the lists, unless trained above; OPQ and the PQ codebooks
             ivf.clustering_index = None  # `clustering` is Python's to free
             del sample
+            trim_heap()
             self.params.update(nlist=ivf.nlist, spherical=True, seed=SEED, train_rows=train)
         self.add_trained(embeddings, rows_except(rows, held))
 
@@ -361,17 +388,46 @@ class Faiss(Engine):
             raise RuntimeError(f"the quantizer holds {ivf.quantizer.ntotal} centroids of {ivf.nlist} lists")
 
     def add_trained(self, embeddings: np.ndarray, rows: np.ndarray) -> None:
-        """`add` the sorted `rows` to the trained index: on `runner` where it has one and the index is IVF."""
+        """`add` the sorted `rows` to the trained index: on `runner` where it has one and the index is IVF; here,
+        an IVF index under a budget is first `reserve`d."""
+        import faiss
+
         if self.runner is None or not self.runner.add(self, embeddings, rows):
+            if self.max_memory is not None and faiss.try_extract_index_ivf(self.index) is not None:
+                self.reserve(embeddings)
             self.add(embeddings, rows)
 
-    def train_rows(self, rows: int, dim: int, lists: int, kind: str, estimated: int) -> int:
-        """Rows to train an IVF (`kind` ivf-flat) or PQ index on: those FAISS uses (256 per list; 65,536 for OPQ
-        and the PQ codebooks), at most what the budget leaves beside the index or TRAIN_BYTES if more
-        (`train_room`), at least what FAISS asks for (LIST_MIN_ROWS per list; PQ_MIN_ROWS)."""
+    def reserve(self, embeddings: np.ndarray) -> None:
+        """Size each list of the trained, empty IVF index for the rows of `embeddings` it is to hold, as the
+        quantizer assigns them (every row: `tune` adds the held ones last), so that adding them never regrows a
+        list. A list that grows doubles, and the C heap keeps what it freed: 5M rows of 72 bytes into 16,384 lists
+        took 618 MiB unreserved (531 trimmed after each block), 343 reserved. Costs a pass of the quantizer."""
+        import faiss
+
+        ivf = faiss.extract_index_ivf(self.index)
+        if ivf.ntotal:
+            raise RuntimeError(f"the index holds {ivf.ntotal} rows: only an empty one is reserved")
+        index = faiss.downcast_index(self.index)
+        chain = [faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size())] if isinstance(
+            index, faiss.IndexPreTransform) else []
+        counts = np.zeros(ivf.nlist, np.int64)
+        for _, block in blocks(embeddings):
+            x = np.ascontiguousarray(block, np.float32)
+            for transform in chain:
+                x = transform.apply(x)
+            counts += np.bincount(ivf.quantizer.assign(x, 1).ravel(), minlength=ivf.nlist)
+        lists = faiss.downcast_InvertedLists(ivf.invlists)
+        for list_no in np.flatnonzero(counts).tolist():
+            lists.resize(list_no, int(counts[list_no]))  # allocated to the size, then emptied: the room stays
+            lists.resize(list_no, 0)
+
+    def train_rows(self, rows: int, dim: int, lists: int, kind: str) -> int:
+        """Rows to train an IVF index of `kind` (ivf-flat, sq8 or pq) on: those FAISS uses (256 per list; 65,536
+        for OPQ and the PQ codebooks), at most what the budget holds (`train_room`), at least what FAISS asks for
+        (LIST_MIN_ROWS per list; PQ_MIN_ROWS)."""
         wanted = max(256 * lists, 256 * 256) if kind == "pq" else 256 * lists
         least = max(LIST_MIN_ROWS * lists, PQ_MIN_ROWS) if kind == "pq" else LIST_MIN_ROWS * lists
-        return min(rows, wanted, max(train_room(self.max_memory, estimated, dim, kind), least))
+        return min(rows, wanted, max(train_room(self.max_memory, dim, kind), least))
 
     def add(self, embeddings: np.ndarray, rows: np.ndarray) -> None:
         """Add `rows` (sorted) of `embeddings`, a block at a time (a flat index under a budget: every row)."""
@@ -436,17 +492,15 @@ class Faiss(Engine):
 
         if not knob:
             return []
-        kind = self.params.get("family")
-        if kind == "hnsw":
+        if self.params.get("family") == "hnsw":
             return [faiss.SearchParametersHNSW(efSearch=knob)]  # an IDMap hands them to its HNSW index
-        if kind != "pq":
-            return [faiss.SearchParametersIVF(nprobe=knob)]
-        quantizer = faiss.extract_index_ivf(self.index).quantizer
-        graph = faiss.SearchParametersHNSW(efSearch=QUANTIZER_EF * knob)
-        inner = (faiss.SearchParametersIVF(nprobe=knob, quantizer_params=graph)
-                 if isinstance(faiss.downcast_index(quantizer), faiss.IndexHNSW) else faiss.SearchParametersIVF(
-                     nprobe=knob))
-        return [faiss.SearchParametersPreTransform(index_params=inner), inner, graph]
+        found = [faiss.SearchParametersIVF(nprobe=knob)]
+        if isinstance(faiss.downcast_index(faiss.extract_index_ivf(self.index).quantizer), faiss.IndexHNSW):
+            found.append(faiss.SearchParametersHNSW(efSearch=QUANTIZER_EF * knob))
+            found[0].quantizer_params = found[1]
+        if isinstance(faiss.downcast_index(self.index), faiss.IndexPreTransform):
+            found.insert(0, faiss.SearchParametersPreTransform(index_params=found[0]))
+        return found
 
     def search(self, queries: np.ndarray, k: int, knob: int | None) -> tuple[np.ndarray, np.ndarray]:
         import faiss
@@ -489,10 +543,19 @@ class Faiss(Engine):
         return f"faiss {p['type']} (exact{rerank})"
 
 
+def trim_heap() -> None:
+    """Hand the free pages of the C heap back to the system (glibc's malloc_trim; nothing where there is none):
+    FAISS's freed buffers (a training sample's copies, a merged copy's lists) otherwise stay resident."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 def structure(given) -> tuple:
     """What the FAISS index `given` is made of, to compare with what index_factory makes of a key: its type,
     dimension and metric; its transforms (type, in and out dimensions); its lists and code size (IVF), links (HNSW)
-    and sub-quantizers (PQ); and the same of the indexes inside it (an IDMap's, a transform's, an IVF's quantizer).
+    and sub-quantizers (PQ) or scalar quantizer (SQ); and the same of the indexes inside it (an IDMap's, a
+    transform's, an IVF's quantizer).
     Types are as read_index reads them back (an IndexFlat of inner products is an IndexFlatIP)."""
     import faiss
 
@@ -510,6 +573,8 @@ def structure(given) -> tuple:
         parts += [index.nlist, index.code_size, structure(index.quantizer)]
     if isinstance(index, faiss.IndexIVFPQ):
         parts += [index.pq.M, index.pq.nbits]
+    if isinstance(index, faiss.IndexIVFScalarQuantizer):
+        parts.append(index.sq.qtype)
     if isinstance(index, faiss.IndexHNSW):
         parts.append(index.hnsw.nb_neighbors(1))
     return tuple(parts)

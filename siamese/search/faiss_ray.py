@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from siamese.errors import SiameseError
+from siamese.search.faiss import trim_heap
 from siamese.search.kernel import PASS_ROWS, blocks, squared_norms
 
 if TYPE_CHECKING:
@@ -206,4 +207,5 @@ def merge(index, serialized: np.ndarray) -> None:
     copy = faiss.deserialize_index(serialized)
     index.merge_from(copy, 0)
     del copy
+    trim_heap()
 
