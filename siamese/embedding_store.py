@@ -141,8 +141,7 @@ class EmbeddingStore:
         return store
 
     def _refuse(self, problem: str) -> SiameseError:
-        return SiameseError(f"{self.path}: {problem}. Fix: embed the catalog again into it with `replace=True`, "
-                            "or into a new folder.")
+        return _refusal(self.path, problem)
 
     def _check(self) -> None:
         m = self.manifest
@@ -242,40 +241,57 @@ class EmbeddingStore:
 
     def batches(self, n: int = PART_ROWS) -> Iterator[tuple[pa.Table, np.ndarray]]:
         """`(metadata, embeddings)` blocks of at most `n` rows (default `PART_ROWS`) in row order: the columns of
-        `rows` and float32 `(rows, dim)`. One part is read at a time and checked against the manifest (size,
-        SHA-256, schema, row numbers) before any of it is used."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
+        `rows` and float32 `(rows, dim)`. One part is read at a time and checked (`read_part`) before any of it
+        is used."""
         if n < 1:
             raise SiameseError(f"Expected `n` >= 1. Received: {n}")
-        expected, start = _schema(self.dim, self.version), 0
+        start = 0
         for part in self.parts:
-            name = part["name"]
-            with self.filesystem.open_input_stream(f"{self._root}/{name}") as f:
-                data = f.read()
-            if len(data) != part["bytes"] or hashlib.sha256(data).hexdigest() != part["sha256"]:
-                raise self._refuse(f"part {name} was modified after the store was written (SHA-256 mismatch)")
-            try:
-                parquet = pq.ParquetFile(pa.BufferReader(data))
-            except (pa.ArrowException, OSError) as e:
-                raise self._refuse(f"part {name} is not a Parquet file ({e})") from None
-            if not parquet.schema_arrow.equals(expected) or parquet.metadata.num_rows != part["rows"]:
-                raise self._refuse(f"part {name} holds {parquet.metadata.num_rows:,} rows of {parquet.schema_arrow}"
-                                   f", expected {part['rows']:,} rows of {expected}")
-            for batch in parquet.iter_batches(batch_size=n):
-                table = pa.Table.from_batches([batch])
-                embedding = table.column("embedding").combine_chunks()
-                if embedding.null_count:
-                    raise self._refuse(f"part {name} holds rows without an embedding")
-                vectors = embedding.flatten().to_numpy(zero_copy_only=False).reshape(-1, self.dim)
-                rows = table.column("row").to_numpy()
-                if not np.array_equal(rows, np.arange(start, start + len(rows))):
-                    raise self._refuse(f"part {name} holds rows {rows[0]:,} to {rows[-1]:,} where {start:,} to "
-                                       f"{start + len(rows) - 1:,} belong")
-                start += len(rows)
-                yield table.drop_columns(["embedding"]), vectors
-            del data, parquet
+            yield from read_part(self.path, part, self.dim, self.version, start, n)
+            start += part["rows"]
+
+
+def _refusal(path: str, problem: str) -> SiameseError:
+    return SiameseError(f"{path}: {problem}. Fix: embed the catalog again into it with `replace=True`, or into a new "
+                        "folder.")
+
+
+def read_part(path: str, part: dict, dim: int, version: int, start: int, n: int = PART_ROWS,
+              columns: Sequence[str] | None = None) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    """`(metadata, embeddings)` blocks of at most `n` rows of `part` (a manifest entry: name, rows, bytes, sha256)
+    of the store at `path` (of format `version`, `dim`-d), whose first row is `start`; `columns` of the metadata
+    (default all of `rows`). The whole part is checked against the entry (size, SHA-256, schema, row numbers)
+    before any of it is used; refused with the part's name and the fix."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    filesystem, root, _ = _location(path)
+    name = part["name"]
+    with filesystem.open_input_stream(f"{root}/{name}") as f:
+        data = f.read()
+    if len(data) != part["bytes"] or hashlib.sha256(data).hexdigest() != part["sha256"]:
+        raise _refusal(path, f"part {name} was modified after the store was written (SHA-256 mismatch)")
+    try:
+        parquet = pq.ParquetFile(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as e:
+        raise _refusal(path, f"part {name} is not a Parquet file ({e})") from None
+    expected = _schema(dim, version)
+    if not parquet.schema_arrow.equals(expected) or parquet.metadata.num_rows != part["rows"]:
+        raise _refusal(path, f"part {name} holds {parquet.metadata.num_rows:,} rows of {parquet.schema_arrow}, "
+                             f"expected {part['rows']:,} rows of {expected}")
+    read = None if columns is None else list(dict.fromkeys(["row", *columns, "embedding"]))
+    for batch in parquet.iter_batches(batch_size=n, columns=read):
+        table = pa.Table.from_batches([batch])
+        embedding = table.column("embedding").combine_chunks()
+        if embedding.null_count:
+            raise _refusal(path, f"part {name} holds rows without an embedding")
+        vectors = embedding.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+        rows = table.column("row").to_numpy()
+        if not np.array_equal(rows, np.arange(start, start + len(rows))):
+            raise _refusal(path, f"part {name} holds rows {rows[0]:,} to {rows[-1]:,} where {start:,} to "
+                                 f"{start + len(rows) - 1:,} belong")
+        start += len(rows)
+        yield table.drop_columns(["embedding"]), vectors
 
 
 class StoreWriter:

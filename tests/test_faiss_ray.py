@@ -156,9 +156,9 @@ def test_a_part_changed_since_the_manifest_is_refused(stores, tmp_path):
     part = store_parts([siamese.embedding_store.EmbeddingStore.open(stores[1])])[1]
     assert (part.start, part.rows) == (5000, 4000)  # numbered from the first of the stores given
     np.testing.assert_array_equal(read_part(part, 128), 3 * structured(29_480)[25_480:])
-    changed = Part(part.store, part.name, "0" * 64, part.bytes, part.start, part.rows)
-    with pytest.raises(SiameseError, match=rf"part {part.name} was modified after the index began \(SHA-256 "
-                                           r"mismatch\)\. Fix: index the stores again"):
+    changed = Part(part.store, part.name, "0" * 64, part.bytes, part.start, part.rows, part.version)
+    with pytest.raises(SiameseError, match=rf"part {part.name} was modified after the store was written \(SHA-256 "
+                                           r"mismatch\)\. Fix: embed the catalog again"):
         read_part(changed, 128)
 
 

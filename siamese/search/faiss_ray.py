@@ -40,7 +40,7 @@ RUNNERS = ("local", "ray")
 @dataclass(frozen=True)
 class Part:
     """One part file of a store: where it is (`store`, a folder or URI, and `name`), what the manifest says of it
-    (`sha256`, `bytes`), and the global rows it holds (`start` to `start + rows`)."""
+    (`sha256`, `bytes`), the global rows it holds (`start` to `start + rows`) and the store's format `version`."""
 
     store: str
     name: str
@@ -48,6 +48,7 @@ class Part:
     bytes: int
     start: int
     rows: int
+    version: int
 
 
 def store_parts(stores: Sequence[EmbeddingStore]) -> list[Part]:
@@ -56,7 +57,7 @@ def store_parts(stores: Sequence[EmbeddingStore]) -> list[Part]:
     for store in stores:
         where = str(store.local) if store.local is not None else store.path
         for p in store.parts:
-            parts.append(Part(where, p["name"], p["sha256"], p["bytes"], start, p["rows"]))
+            parts.append(Part(where, p["name"], p["sha256"], p["bytes"], start, p["rows"], store.version))
             start += p["rows"]
     return parts
 
@@ -84,26 +85,12 @@ def with_runner(engine: str | Engine, runner: str, stores: Sequence[EmbeddingSto
 
 
 def read_part(part: Part, dim: int) -> np.ndarray:
-    """The embeddings (float32 `(rows, dim)`) of `part`, checked against its manifest entry (size, SHA-256) and
-    its rows (`start` on)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """The embeddings (float32 `(rows, dim)`) of `part`, checked as `EmbeddingStore.batches` checks a part."""
+    from siamese.embedding_store import read_part as read_store_part
 
-    from siamese.embedding_store import _location
-
-    filesystem, root, _ = _location(part.store)
-    with filesystem.open_input_stream(f"{root}/{part.name}") as f:
-        data = f.read()
-    if len(data) != part.bytes or hashlib.sha256(data).hexdigest() != part.sha256:
-        raise SiameseError(f"{part.store}: part {part.name} was modified after the index began (SHA-256 mismatch). "
-                           "Fix: index the stores again once nothing writes them.")
-    table = pq.read_table(pa.BufferReader(data), columns=["row", "embedding"])
-    rows = table.column("row").to_numpy()
-    if not np.array_equal(rows - rows[:1], np.arange(part.rows)):
-        raise SiameseError(f"{part.store}: part {part.name} holds {len(rows):,} rows out of order. Fix: embed the "
-                           "catalog again into it with `replace=True`.")
-    vectors = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return vectors.reshape(part.rows, dim)
+    entry = {"name": part.name, "rows": part.rows, "bytes": part.bytes, "sha256": part.sha256}
+    (_, vectors), = read_store_part(part.store, entry, dim, part.version, part.start, max(part.rows, 1), columns=[])
+    return vectors
 
 
 def digest(vectors: np.ndarray) -> str:
