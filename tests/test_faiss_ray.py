@@ -154,9 +154,10 @@ def test_the_runner_flags_of_index(stores, run_cli, tmp_path):
 
 def test_a_part_changed_since_the_manifest_is_refused(stores, tmp_path):
     part = store_parts([siamese.embedding_store.EmbeddingStore.open(stores[1])])[1]
-    assert (part.start, part.rows) == (5000, 4000)  # numbered from the first of the stores given
+    assert (part.start, part.rows, part.first) == (5000, 4000, 5000)  # numbered from the first store given
     np.testing.assert_array_equal(read_part(part, 128), 3 * structured(29_480)[25_480:])
-    changed = Part(part.store, part.name, "0" * 64, part.bytes, part.start, part.rows, part.version)
+    changed = Part(part.store, part.name, "0" * 64, part.bytes, part.start, part.rows, part.first,
+                   part.version)
     with pytest.raises(SiameseError, match=rf"part {part.name} was modified after the store was written \(SHA-256 "
                                            r"mismatch\)\. Fix: embed the catalog again"):
         read_part(changed, 128)
@@ -164,7 +165,7 @@ def test_a_part_changed_since_the_manifest_is_refused(stores, tmp_path):
 
 def test_a_task_adds_its_part_as_stored_or_as_index_normalises_it(stores):
     part = store_parts([siamese.embedding_store.EmbeddingStore.open(s) for s in stores])[3]
-    assert (part.start, part.rows) == (20_480, 5000)
+    assert (part.start, part.rows, part.first) == (20_480, 5000, 0)  # the first part of the second store
     stored = read_part(part, 128)
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(128), 128, 4, faiss.METRIC_INNER_PRODUCT)
     index.train(structured(1000))

@@ -40,7 +40,8 @@ RUNNERS = ("local", "ray")
 @dataclass(frozen=True)
 class Part:
     """One part file of a store: where it is (`store`, a folder or URI, and `name`), what the manifest says of it
-    (`sha256`, `bytes`), the global rows it holds (`start` to `start + rows`) and the store's format `version`."""
+    (`sha256`, `bytes`), the global rows it holds (`start` to `start + rows`; its first is row `first` of its store)
+    and the store's format `version`."""
 
     store: str
     name: str
@@ -48,6 +49,7 @@ class Part:
     bytes: int
     start: int
     rows: int
+    first: int
     version: int
 
 
@@ -55,10 +57,10 @@ def store_parts(stores: Sequence[EmbeddingStore]) -> list[Part]:
     """The parts of `stores` in row order, numbered on across the stores as `index_stores` numbers their rows."""
     parts, start = [], 0
     for store in stores:
-        where = str(store.local) if store.local is not None else store.path
+        where, first = str(store.local) if store.local is not None else store.path, 0
         for p in store.parts:
-            parts.append(Part(where, p["name"], p["sha256"], p["bytes"], start, p["rows"], store.version))
-            start += p["rows"]
+            parts.append(Part(where, p["name"], p["sha256"], p["bytes"], start, p["rows"], first, store.version))
+            start, first = start + p["rows"], first + p["rows"]
     return parts
 
 
@@ -89,7 +91,7 @@ def read_part(part: Part, dim: int) -> np.ndarray:
     from siamese.embedding_store import read_part as read_store_part
 
     entry = {"name": part.name, "rows": part.rows, "bytes": part.bytes, "sha256": part.sha256}
-    (_, vectors), = read_store_part(part.store, entry, dim, part.version, part.start, max(part.rows, 1), columns=[])
+    (_, vectors), = read_store_part(part.store, entry, dim, part.version, part.first, max(part.rows, 1), columns=[])
     return vectors
 
 
