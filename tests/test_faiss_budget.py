@@ -4,13 +4,14 @@ with and without re-ranking against the embeddings, and a round trip through the
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
 
 import siamese.search.faiss
-from siamese.cli.common import Parser, add_engine_args, engine_settings, translate
+from siamese.cli.common import Parser, add_engine_args, engine_settings, print_index, translate
 from siamese.errors import SiameseError
 from siamese.search import Faiss, Index
 from siamese.search.faiss import budget_lists, choose_index_key, family, format_size, parse_size
@@ -159,6 +160,21 @@ def test_a_small_budget_picks_pq_codes_and_rerank_reaches_the_target_recall(pq_i
     faiss_path = tmp_path / "pq.faiss"
     engine.write(faiss_path)
     assert abs(faiss_path.stat().st_size - engine.params["estimated_bytes"]) < 0.02 * faiss_path.stat().st_size
+
+
+def test_index_names_the_fix_when_the_codes_alone_fall_short_of_the_target(pq_index, capsys):
+    tuned = pq_index.recall
+    print_index(pq_index, "Indexed", Path("idx"))
+    assert "Short of the target" not in capsys.readouterr().out  # re-ranked: 0.99 reached
+    pq_index.engine.rerank, pq_index.recall = 0, {**tuned, "recall_at_10": 0.65}  # as PQ16 codes alone tune
+    try:
+        print_index(pq_index, "Indexed", Path("idx"))
+    finally:
+        pq_index.engine.rerank, pq_index.recall = 100, tuned
+    assert ("Recall@10 0.6500 on 1,000 held-out images (target 0.99); query with --nprobe N to trade speed for "
+            "recall\nShort of the target at any --nprobe: the codes alone cannot tell the neighbours apart. Fix: "
+            "index again with --rerank 100 (exact distances of 100 candidates) or a larger --max-memory\n"
+            ) in capsys.readouterr().out
 
 
 def test_an_index_under_a_budget_answers_alike_after_save_and_load(pq_index, queries, tmp_path):
