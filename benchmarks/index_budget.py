@@ -9,8 +9,8 @@ on disk (embeddings, rows, FAISS). The index re-ranks `--rerank` N candidates (d
 nprobe tuned for that. Then, in another fresh process, the serve start-up (`Index.load` and one query; again with
 this user's record of checked files removed, so that every file is read) and its resident memory; recall@10 of
 `--queries` new queries (default 1,000) against their exact neighbours (siamese's blocked float32 kernel over the
-memory-mapped rows, ties by lower row) and queries/s at the tuned nprobe, with the rerank and on PQ codes alone;
-beside them, brute force's queries/s over the same memory-mapped rows, one query at a time and in blocks.
+memory-mapped rows, ties by lower row) and queries/s at the tuned nprobe, with the rerank and on the codes alone
+(PQ or 8-bit); beside them, brute force's queries/s over the same memory-mapped rows, one query at a time and in blocks.
 Figures go in docs/benchmarks.md.
 
     .venv/bin/python benchmarks/index_budget.py [--rows 10000000] [--budgets 1G 4G] [--work DIR]
@@ -192,7 +192,7 @@ def main() -> None:
                   f"{figures['RssAnon']:,.0f}), peak {figures['peak']:,.0f} MiB")
             for name in ("codes", "rerank"):
                 f = figures[name]
-                label = "PQ codes alone" if name == "codes" else f"rerank {args.rerank}"
+                label = "codes alone" if name == "codes" else f"rerank {args.rerank}"
                 print(f"  {label}: recall@10 {f['recall']:.3f}, {f['qps']:,.0f} queries/s "
                       f"({f['qps'] / brute_qps['all']:,.0f}x brute force in blocks, "
                       f"{f['qps'] / brute_qps['one_at_a_time']:,.0f}x one at a time)", flush=True)
