@@ -141,19 +141,38 @@ in 65,536 lists train on 2.6M rows: 1.3 GB, held TRAIN_COPIES times."""
 TRAIN_COPIES = {"ivf-flat": 1, "sq8": 2, "pq": 2}
 """Copies of its training sample an index holds while trained, by family: the sample; and its residuals to the
 lists (SQ8: the codes' ranges), or the sample rotated by OPQ (PQ: its codebooks train on the residuals of 65,536
-rows). Two-level k-means adds a sample of its coarse level: at most 2,000 rows per coarse list."""
+rows). Two-level k-means holds a sample of its coarse level beside them (`coarse_bytes`), out of the budget too."""
 
 
-def train_room(max_memory: int, dim: int, kind: str) -> int:
-    """Rows of training sample an index of `kind` (ivf-flat, sq8 or pq) may hold under `max_memory`: the budget
-    (less its HEADROOM), TRAIN_COPIES[kind] times, or TRAIN_BYTES if more."""
-    return int(max(max_memory / HEADROOM, TRAIN_BYTES) // (4 * dim * TRAIN_COPIES[kind]))
+COARSE_ROWS = 2000
+"""Rows a coarse centroid of two-level k-means trains on, at most (FAISS's two_level_clustering's): a copy of up to
+COARSE_ROWS sqrt(lists) rows of the sample, held beside it (`coarse_bytes`)."""
 
 
-def trainable_lists(lists: int, room: int) -> int:
-    """`lists`, or the largest power of two of lists that a sample of `room` rows trains (LIST_MIN_ROWS each)."""
-    most = room // LIST_MIN_ROWS
-    return lists if lists <= most else 2 ** max(0, math.floor(math.log2(max(1, most))))
+def coarse_bytes(lists: int, dim: int) -> int:
+    """Bytes of the coarse level's sample that `two_level_centroids` holds for `lists` lists (none below
+    TWO_LEVEL_LISTS, trained by plain k-means)."""
+    return 0 if lists < TWO_LEVEL_LISTS else COARSE_ROWS * round(math.sqrt(lists)) * 4 * dim
+
+
+def train_room(max_memory: int, dim: int, kind: str, lists: int = 0) -> int:
+    """Rows of training sample an index of `kind` (ivf-flat, sq8 or pq) of `lists` lists (default 0) may hold under
+    `max_memory`: the budget, less its HEADROOM and the coarse sample of its two-level k-means (`coarse_bytes`),
+    TRAIN_COPIES[kind] times; or TRAIN_BYTES if more."""
+    room = max(max_memory / HEADROOM - coarse_bytes(lists, dim), TRAIN_BYTES)
+    return int(room // (4 * dim * TRAIN_COPIES[kind]))
+
+
+def trainable_lists(lists: int, max_memory: int, dim: int, kind: str) -> int:
+    """`lists`, or the largest power of two of lists that the training sample `max_memory` holds trains
+    (LIST_MIN_ROWS rows each; `train_room`, beside the coarse sample of as many lists as the budget alone trains)."""
+
+    def fit(wanted: int, room: int) -> int:
+        most = room // LIST_MIN_ROWS
+        return wanted if wanted <= most else 2 ** max(0, math.floor(math.log2(max(1, most))))
+
+    first = fit(lists, train_room(max_memory, dim, kind))
+    return fit(first, train_room(max_memory, dim, kind, first))  # fewer lists: a smaller coarse sample
 
 
 def choose_index_key(rows: int, dim: int, max_memory: int) -> tuple[str, int]:
@@ -177,16 +196,16 @@ def choose_index_key(rows: int, dim: int, max_memory: int) -> tuple[str, int]:
         if m >= HNSW_M[1]:
             return f"IDMap,HNSW{m},Flat", hnsw_bytes(rows, dim, m)
         if fits(ivf_flat_bytes(rows, dim, lists)):
-            few = trainable_lists(lists, train_room(max_memory, dim, "ivf-flat"))
+            few = trainable_lists(lists, max_memory, dim, "ivf-flat")
             return f"IVF{few},Flat", ivf_flat_bytes(rows, dim, few)
         if fits(sq8_bytes(rows, dim, lists)):
-            few = trainable_lists(lists, train_room(max_memory, dim, "sq8"))
+            few = trainable_lists(lists, max_memory, dim, "sq8")
             return sq8_key(few), sq8_bytes(rows, dim, few)
     sizes = [m for m in PQ_M if m < dim] or [1]
     if rows >= PQ_MIN_ROWS:
         for m in sizes:
             if fits(pq_bytes(rows, dim, m, lists)):
-                few = trainable_lists(lists, train_room(max_memory, dim, "pq"))
+                few = trainable_lists(lists, max_memory, dim, "pq")
                 return pq_key(dim, m, few), pq_bytes(rows, dim, m, few)
         least, smallest = pq_bytes(rows, dim, sizes[-1], lists), pq_key(dim, sizes[-1], lists)
     else:
@@ -220,7 +239,7 @@ def two_level_centroids(x: np.ndarray, lists: int, niter: int = 10) -> np.ndarra
 
     rows, dim = x.shape
     coarse = faiss.Kmeans(dim, max(1, round(math.sqrt(lists))), niter=niter, spherical=True, seed=SEED,
-                          max_points_per_centroid=2000)  # FAISS's: coarse centroids are few, a larger sample is cheap
+                          max_points_per_centroid=COARSE_ROWS)
     coarse.train(x)
     _, assigned = coarse.assign(x)
     counts = np.bincount(assigned, minlength=coarse.k)
@@ -427,7 +446,7 @@ class Faiss(Engine):
         (LIST_MIN_ROWS per list; PQ_MIN_ROWS)."""
         wanted = max(256 * lists, 256 * 256) if kind == "pq" else 256 * lists
         least = max(LIST_MIN_ROWS * lists, PQ_MIN_ROWS) if kind == "pq" else LIST_MIN_ROWS * lists
-        return min(rows, wanted, max(train_room(self.max_memory, dim, kind), least))
+        return min(rows, wanted, max(train_room(self.max_memory, dim, kind, lists), least))
 
     def add(self, embeddings: np.ndarray, rows: np.ndarray) -> None:
         """Add `rows` (sorted) of `embeddings`, a block at a time (a flat index under a budget: every row)."""
