@@ -247,7 +247,8 @@ class EmbeddingStore:
             raise SiameseError(f"Expected `n` >= 1. Received: {n}")
         start = 0
         for part in self.parts:
-            yield from read_part(self.path, part, self.dim, self.version, start, n)
+            yield from read_part(self.path, part, self.dim, self.version, start, n,
+                                 location=(self.filesystem, self._root))
             start += part["rows"]
 
 
@@ -256,16 +257,17 @@ def _refusal(path: str, problem: str) -> SiameseError:
                         "folder.")
 
 
-def read_part(path: str, part: dict, dim: int, version: int, start: int, n: int = PART_ROWS,
-              columns: Sequence[str] | None = None) -> Iterator[tuple[pa.Table, np.ndarray]]:
+def read_part(path: str, part: dict, dim: int, version: int, start: int, n: int = PART_ROWS, metadata: bool = True,
+              location: tuple[pa.fs.FileSystem, str] | None = None) -> Iterator[tuple[pa.Table, np.ndarray]]:
     """`(metadata, embeddings)` blocks of at most `n` rows of `part` (a manifest entry: name, rows, bytes, sha256)
-    of the store at `path` (of format `version`, `dim`-d), whose first row is `start`; `columns` of the metadata
-    (default all of `rows`). The whole part is checked against the entry (size, SHA-256, schema, row numbers)
-    before any of it is used; refused with the part's name and the fix."""
+    of the store at `path` (of format `version`, `dim`-d), whose first row is `start`; the metadata is the columns
+    of `rows`, or only "row" without `metadata`. `location`: the store's (filesystem, folder in it), if opened.
+    The whole part is checked against the entry (size, SHA-256, schema, row numbers) before any of it is used;
+    refused with the part's name and the fix."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    filesystem, root, _ = _location(path)
+    filesystem, root = location or _location(path)[:2]
     name = part["name"]
     with filesystem.open_input_stream(f"{root}/{name}") as f:
         data = f.read()
@@ -279,8 +281,7 @@ def read_part(path: str, part: dict, dim: int, version: int, start: int, n: int 
     if not parquet.schema_arrow.equals(expected) or parquet.metadata.num_rows != part["rows"]:
         raise _refusal(path, f"part {name} holds {parquet.metadata.num_rows:,} rows of {parquet.schema_arrow}, "
                              f"expected {part['rows']:,} rows of {expected}")
-    read = None if columns is None else list(dict.fromkeys(["row", *columns, "embedding"]))
-    for batch in parquet.iter_batches(batch_size=n, columns=read):
+    for batch in parquet.iter_batches(batch_size=n, columns=None if metadata else ["row", "embedding"]):
         table = pa.Table.from_batches([batch])
         embedding = table.column("embedding").combine_chunks()
         if embedding.null_count:

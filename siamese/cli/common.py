@@ -163,6 +163,7 @@ def print_index(index, done: str, out: Path) -> None:
         knob = f"--{index.engine.knob.name}"
         print(f"Recall@10 {index.recall_at_10:.4f} on {plural(index.recall['queries'], 'held-out image')} "
               f"(target {index.recall['target']}); query with {knob} N to trade speed for recall")
-        if index.recall_at_10 < index.recall["target"] and index.engine.name == "faiss" and not index.engine.rerank:
+        codes = index.engine.name == "faiss" and index.engine.params.get("family") in ("sq8", "pq")
+        if codes and index.recall_at_10 < index.recall["target"] and not index.engine.rerank:
             print(f"Short of the target at any {knob}: the codes alone cannot tell the neighbours apart. Fix: index "
                   "again with --rerank 100 (exact distances of 100 candidates) or a larger --max-memory")

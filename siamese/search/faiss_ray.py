@@ -91,7 +91,7 @@ def read_part(part: Part, dim: int) -> np.ndarray:
     from siamese.embedding_store import read_part as read_store_part
 
     entry = {"name": part.name, "rows": part.rows, "bytes": part.bytes, "sha256": part.sha256}
-    (_, vectors), = read_store_part(part.store, entry, dim, part.version, part.first, max(part.rows, 1), columns=[])
+    (_, vectors), = read_store_part(part.store, entry, dim, part.version, part.first, part.rows, metadata=False)
     return vectors
 
 
